@@ -1,0 +1,181 @@
+"""The admin API (DESIGN section 3): health, metrics, route views and runtime steering."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol
+
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+from gateway.config import ConfigError
+from gateway.metrics import Metrics
+from gateway.runtime import RouteRuntime
+
+
+class AdminTarget(Protocol):
+    """What the admin API steers: the running gateway."""
+
+    @property
+    def routes(self) -> Mapping[str, RouteRuntime]: ...
+
+    @property
+    def metrics(self) -> Metrics: ...
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def status(self) -> str: ...
+
+    async def set_weight(self, route: RouteRuntime, weight: float) -> None: ...
+
+    async def reload(self) -> None: ...
+
+
+TARGET = web.AppKey("target", AdminTarget)
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
+
+
+def json_error(status: int, code: str, message: str) -> web.Response:
+    return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def route_view(route: RouteRuntime) -> dict[str, Any]:
+    config = route.config
+    match = config.match
+    return {
+        "name": route.name,
+        "match": match.model_dump(exclude_none=True),
+        "champion": config.champion,
+        "challenger": config.challenger,
+        "challenger_weight": route.weight,
+        "split": {
+            "key": config.split.key,
+            "salt": config.split.salt,
+            "allow_override": config.split.allow_override,
+            "challenger_buckets": route.threshold,
+        },
+        "shadow": config.shadow.model_dump() if config.shadow else None,
+        "canary": {"state": "idle", "config": config.canary.model_dump()}
+        if config.canary
+        else None,
+    }
+
+
+def _auth_middleware(token: str) -> Middleware:
+    expected = f"Bearer {token}".encode()
+
+    @web.middleware
+    async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token and request.path.startswith("/api/"):
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return json_error(401, "unauthorized", "missing or wrong bearer token")
+        return await handler(request)
+
+    return check_token
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """aiohttp's own 404/405 pages become JSON errors like every other admin answer."""
+    try:
+        return await handler(request)
+    except web.HTTPException as error:
+        if error.status < 400:
+            raise
+        code = error.reason.lower().replace(" ", "_")
+        return json_error(error.status, code, f"{request.method} {request.path}: {error.reason}")
+
+
+def _route_or_404(request: web.Request) -> RouteRuntime | web.Response:
+    name = request.match_info["name"]
+    route = request.app[TARGET].routes.get(name)
+    if route is None:
+        return json_error(404, "unknown_route", f"no route named {name!r}")
+    return route
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    target = request.app[TARGET]
+    return json_response({"status": target.status}, 200 if target.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[TARGET].metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    routes = request.app[TARGET].routes
+    return json_response({"routes": [route_view(r) for r in routes.values()]})
+
+
+async def get_route(request: web.Request) -> web.Response:
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    return json_response(route_view(found))
+
+
+async def put_weight(request: web.Request) -> web.Response:
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as error:
+        return json_error(400, "bad_json", f"body is not valid JSON: {error}")
+    if not isinstance(body, dict) or "challenger_weight" not in body:
+        return json_error(400, "bad_request", 'body must be {"challenger_weight": <0..1>}')
+    unknown = sorted(set(body) - {"challenger_weight"})
+    if unknown:
+        return json_error(400, "bad_request", f"unknown keys: {', '.join(unknown)}")
+    weight = body["challenger_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return json_error(400, "bad_weight", f"challenger_weight must be a number, got {weight!r}")
+    if not 0.0 <= weight <= 1.0:
+        return json_error(
+            400, "bad_weight", f"challenger_weight must be between 0 and 1, got {weight}"
+        )
+    if found.challenger is None and weight > 0:
+        return json_error(409, "no_challenger", f"route {found.name!r} has no challenger")
+    await request.app[TARGET].set_weight(found, float(weight))
+    return json_response(route_view(found))
+
+
+async def reload(request: web.Request) -> web.Response:
+    try:
+        await request.app[TARGET].reload()
+    except ConfigError as error:
+        return json_response(
+            {"error": {"code": "bad_config", "message": str(error), "problems": error.problems}},
+            400,
+        )
+    return json_response({"status": "reloaded"})
+
+
+def build_admin_app(target: AdminTarget, token: str) -> web.Application:
+    app = web.Application(middlewares=[_json_errors, _auth_middleware(token)])
+    app[TARGET] = target
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/v1/routes", list_routes)
+    app.router.add_get("/api/v1/routes/{name}", get_route)
+    app.router.add_put("/api/v1/routes/{name}/weight", put_weight)
+    app.router.add_post("/api/v1/reload", reload)
+    return app

@@ -1,0 +1,407 @@
+"""The YAML configuration: pydantic models, ``${VAR}`` expansion, and errors with key paths.
+
+``load(path)`` is the only entry point the rest of the gateway needs. Every problem it
+finds is reported as ``key.path: message, got VALUE`` so that an operator can fix a bad
+file without reading a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+
+from gateway.core.split import threshold
+
+
+class ConfigError(Exception):
+    """A configuration file that cannot be used. ``problems`` holds one line per problem."""
+
+    def __init__(self, problems: list[str], source: str = "") -> None:
+        self.problems = problems
+        self.source = source
+        prefix = f"{source}: " if source else ""
+        super().__init__(prefix + "; ".join(problems))
+
+
+class _Strict(BaseModel):
+    """Base of every config section: unknown keys are errors, never silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+Port = Annotated[int, Field(ge=0, le=65535)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_http_url(url: str) -> str:
+    if not re.match(r"^https?://[^/\s]+", url):
+        raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
+    return url.rstrip("/")
+
+
+class ServerConfig(_Strict):
+    host: str = "0.0.0.0"
+    port: Port = 8080
+    max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
+    request_id_header: Annotated[str, Field(min_length=1)] = "X-Request-ID"
+    # How long SIGTERM waits for in-flight requests before closing them.
+    drain_timeout_seconds: PositiveSeconds = 30.0
+    workers: Annotated[int, Field(ge=1, le=64)] = 1
+
+
+class AdminConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: Port = 9090
+    token: str = ""
+
+    @model_validator(mode="after")
+    def _token_required_off_loopback(self) -> AdminConfig:
+        if not self.token and not _is_loopback(self.host):
+            raise ValueError(
+                f"host: an admin listener on a non-loopback address needs admin.token, "
+                f"got host {self.host!r} and no token"
+            )
+        return self
+
+
+class StateConfig(_Strict):
+    backend: Literal["embedded", "redis"] = "embedded"
+    path: str = "./gateway-state.db"
+    redis_url: str | None = None
+    key_prefix: str = "gateway"
+
+    @model_validator(mode="after")
+    def _redis_needs_url(self) -> StateConfig:
+        if self.backend == "redis" and not self.redis_url:
+            raise ValueError("redis_url: required when backend is 'redis', got nothing")
+        return self
+
+
+class TracingConfig(_Strict):
+    enabled: bool = True
+    interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+    key_prefix: str = "aibrix"
+    ttl_seconds: Annotated[int, Field(ge=1)] = 600
+    # Where traces are written. Defaults to state.redis_url; with neither, traces are
+    # kept in memory and served by the admin API only.
+    redis_url: str | None = None
+
+
+class BackendConfig(_Strict):
+    url: str | None = None
+    endpoints: list[str] | None = None
+    load_balancing: Literal["round_robin", "random", "least_request"] = "round_robin"
+    # Longest wait for the answer's headers and, once it streams, between two chunks.
+    timeout_seconds: PositiveSeconds = 30.0
+    connect_timeout_seconds: PositiveSeconds = 5.0
+    # The model name this backend's load is traced under (defaults to the backend name).
+    model: str | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None) -> str | None:
+        return None if value is None else _check_http_url(value)
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str] | None) -> list[str] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one URL, got an empty list")
+        return [_check_http_url(url) for url in value]
+
+    @model_validator(mode="after")
+    def _one_of_url_or_endpoints(self) -> BackendConfig:
+        if (self.url is None) == (self.endpoints is None):
+            raise ValueError("url: give exactly one of 'url' or 'endpoints'")
+        return self
+
+    @property
+    def urls(self) -> list[str]:
+        return [self.url] if self.url is not None else list(self.endpoints or [])
+
+
+class HeaderMatch(_Strict):
+    name: Annotated[str, Field(min_length=1)]
+    value: str
+
+
+class MatchConfig(_Strict):
+    path_prefix: str
+    model: str | None = None
+    header: HeaderMatch | None = None
+
+    @field_validator("path_prefix")
+    @classmethod
+    def _absolute(cls, value: str) -> str:
+        if not value.startswith("/"):
+            raise ValueError(f"must start with '/', got {value!r}")
+        return value
+
+
+_KEY_SOURCE = re.compile(r"^(request_id|(header|cookie|query):.+)$")
+
+
+class SplitConfig(_Strict):
+    challenger_weight: float = 0.0
+    key: str = "request_id"
+    salt: str = ""
+    allow_override: bool = False
+
+    @field_validator("challenger_weight")
+    @classmethod
+    def _weight(cls, value: float) -> float:
+        if not 0.0 <= value <= 1.0:
+            raise ValueError(f"must be between 0 and 1, got {value}")
+        return value
+
+    @field_validator("key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not _KEY_SOURCE.match(value):
+            raise ValueError(
+                f"must be request_id, header:NAME, cookie:NAME or query:NAME, got {value!r}"
+            )
+        return value
+
+
+class ShadowConfig(_Strict):
+    target: str
+    sample_rate: Probability = 0.0
+
+
+class CanaryConfig(_Strict):
+    initial_weight: Probability = 0.05
+    step_size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    step_interval_seconds: PositiveSeconds = 60.0
+    max_weight: Probability = 0.5
+    success_threshold: Probability = 0.99
+    min_requests: Annotated[int, Field(ge=1)] = 200
+
+
+class RouteConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    match: MatchConfig
+    champion: str
+    challenger: str | None = None
+    split: SplitConfig = SplitConfig()
+    shadow: ShadowConfig | None = None
+    canary: CanaryConfig | None = None
+
+    @model_validator(mode="after")
+    def _weight_needs_challenger(self) -> RouteConfig:
+        if self.challenger is None and threshold(self.split.challenger_weight) > 0:
+            raise ValueError(
+                "split.challenger_weight: a route without a challenger must have weight 0, "
+                f"got {self.split.challenger_weight}"
+            )
+        return self
+
+
+class GatewayConfig(_Strict):
+    server: ServerConfig = ServerConfig()
+    admin: AdminConfig = AdminConfig()
+    state: StateConfig = StateConfig()
+    tracing: TracingConfig = TracingConfig()
+    backends: dict[str, BackendConfig]
+    routes: list[RouteConfig]
+
+    def backend_model(self, backend: str) -> str:
+        """The model name a backend's load is traced under."""
+        return self.backends[backend].model or backend
+
+
+def semantic_problems(config: GatewayConfig) -> list[str]:
+    """Cross-references pydantic cannot check one field at a time."""
+    problems: list[str] = []
+    known = sorted(config.backends)
+    seen_names: dict[str, int] = {}
+    seen_matches: dict[tuple[str, str | None, str | None, str | None], int] = {}
+    for i, route in enumerate(config.routes):
+        where = f"routes[{i}]"
+        if route.name in seen_names:
+            problems.append(
+                f"{where}.name: duplicate route name {route.name!r} "
+                f"(also routes[{seen_names[route.name]}])"
+            )
+        seen_names.setdefault(route.name, i)
+        refs = [("champion", route.champion), ("challenger", route.challenger)]
+        if route.shadow is not None:
+            refs.append(("shadow.target", route.shadow.target))
+        for field, backend in refs:
+            if backend is not None and backend not in config.backends:
+                problems.append(
+                    f"{where}.{field}: unknown backend {backend!r} (known: {', '.join(known)})"
+                )
+        if route.challenger is not None and route.challenger == route.champion:
+            problems.append(
+                f"{where}.challenger: must differ from the champion, got {route.challenger!r}"
+            )
+        header = route.match.header
+        match_key = (
+            route.match.path_prefix,
+            route.match.model,
+            header.name.lower() if header else None,
+            header.value if header else None,
+        )
+        if match_key in seen_matches:
+            problems.append(
+                f"{where}.match: same match as routes[{seen_matches[match_key]}], "
+                "so this route could never be chosen"
+            )
+        seen_matches.setdefault(match_key, i)
+    if (
+        config.admin.port
+        and config.admin.port == config.server.port
+        and (
+            config.admin.host == config.server.host
+            or "0.0.0.0" in (config.admin.host, config.server.host)
+        )
+    ):
+        problems.append(f"admin.port: must differ from server.port, got {config.admin.port}")
+    return problems
+
+
+# --- ${VAR} expansion -------------------------------------------------------------------
+
+_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+
+
+class _UnsetVariable(Exception):
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+def _expand_string(value: str, environ: Mapping[str, str]) -> str:
+    def substitute(match: re.Match[str]) -> str:
+        name, default = match.group(1), match.group(2)
+        if name in environ and (environ[name] != "" or default is None):
+            return environ[name]
+        if default is not None:
+            return default
+        raise _UnsetVariable(name)
+
+    return _VAR.sub(substitute, value)
+
+
+def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` in every string value of a parsed document.
+
+    Expansion happens after YAML parsing so that a value holding ``:`` or ``#`` cannot
+    change the document's structure. A whole-value reference (``port: ${PORT}``) yields a
+    string that pydantic then converts to the field's type.
+    """
+    if isinstance(node, str):
+        try:
+            return _expand_string(node, environ)
+        except _UnsetVariable as unset:
+            raise ConfigError(
+                [
+                    f"{path or '<root>'}: environment variable {unset.name} is not set "
+                    "and has no default (write ${" + unset.name + ":-default})"
+                ]
+            ) from None
+    if isinstance(node, dict):
+        return {k: expand_env(v, environ, _join(path, k)) for k, v in node.items()}
+    if isinstance(node, list):
+        return [expand_env(v, environ, f"{path}[{i}]") for i, v in enumerate(node)]
+    return node
+
+
+def _join(path: str, key: object) -> str:
+    return f"{path}.{key}" if path else str(key)
+
+
+# --- error formatting ---------------------------------------------------------------------
+
+
+def _loc_to_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        path = f"{path}[{part}]" if isinstance(part, int) else _join(path, part)
+    return path
+
+
+def _format_error(error: ErrorDetails) -> str:
+    path = _loc_to_path(tuple(error["loc"]))
+    message = error["msg"]
+    # Our own validators raise "field: message": move the field into the path.
+    if error["type"] == "value_error":
+        message = message.removeprefix("Value error, ")
+        field, sep, rest = message.partition(": ")
+        if sep and re.fullmatch(r"[a-z_.]+", field):
+            path, message = _join(path, field), rest
+        return f"{path or '<root>'}: {message}"
+    if error["type"] == "extra_forbidden":
+        return f"{path}: unknown key"
+    if error["type"] == "missing":
+        return f"{path}: required key is missing"
+    got = error.get("input")
+    return f"{path or '<root>'}: {message.lower()}, got {got!r}"
+
+
+def parse(
+    document: Any, environ: Mapping[str, str] | None = None, source: str = ""
+) -> GatewayConfig:
+    """Validate an already-parsed YAML document."""
+    if not isinstance(document, dict):
+        raise ConfigError(["<root>: must be a mapping with backends and routes"], source)
+    try:
+        expanded = expand_env(document, os.environ if environ is None else environ)
+    except ConfigError as error:
+        raise ConfigError(error.problems, source) from None
+    try:
+        config = GatewayConfig.model_validate(expanded)
+    except ValidationError as error:
+        raise ConfigError([_format_error(e) for e in error.errors()], source) from None
+    problems = semantic_problems(config)
+    if problems:
+        raise ConfigError(problems, source)
+    return config
+
+
+def loads(text: str, environ: Mapping[str, str] | None = None, source: str = "") -> GatewayConfig:
+    """Parse and validate YAML text."""
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(error, "problem", None) or str(error)
+        raise ConfigError([f"<yaml>: {where}{problem}"], source) from None
+    return parse(document, environ, source)
+
+
+def load(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Read, parse and validate a config file."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError([f"<file>: cannot read: {error.strerror}"], str(path)) from None
+    return loads(text, environ, str(path))

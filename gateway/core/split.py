@@ -1,0 +1,67 @@
+"""Deterministic champion/challenger split.
+
+The contract (DESIGN section 1, step 3) is published so that other implementations can
+reproduce it bit for bit:
+
+    bucket = fnv1a_64(utf8(salt + key)) mod 10000
+    challenger  iff  bucket < threshold(challenger_weight)
+
+Because the bucket of a key never changes and the threshold only grows with the weight,
+raising the weight can only move keys from champion to challenger, never back.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+
+FNV64_OFFSET_BASIS = 0xCBF29CE484222325
+FNV64_PRIME = 0x100000001B3
+_MASK64 = 0xFFFFFFFFFFFFFFFF
+
+BUCKETS = 10_000
+
+
+class Variant(enum.StrEnum):
+    CHAMPION = "champion"
+    CHALLENGER = "challenger"
+
+
+def fnv1a_64(data: bytes) -> int:
+    """64-bit FNV-1a over ``data``."""
+    h = FNV64_OFFSET_BASIS
+    for byte in data:
+        h = ((h ^ byte) * FNV64_PRIME) & _MASK64
+    return h
+
+
+def bucket_of(key: str, salt: str = "") -> int:
+    """The key's bucket in ``[0, 10000)``."""
+    return fnv1a_64((salt + key).encode("utf-8")) % BUCKETS
+
+
+def threshold(weight: float) -> int:
+    """Number of buckets (out of 10000) that go to the challenger.
+
+    ``floor(weight * 10000)``, taken after rounding away binary floating point error so
+    that a weight written as 0.29 means 2900 buckets and not 2899
+    (``0.29 * 10000 == 2899.9999999999995`` in IEEE 754).
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be between 0 and 1, got {weight}")
+    return math.floor(round(weight * BUCKETS, 6))
+
+
+def choose(bucket: int, challenger_threshold: int) -> Variant:
+    """Variant for a bucket, given the threshold from :func:`threshold`."""
+    return Variant.CHALLENGER if bucket < challenger_threshold else Variant.CHAMPION
+
+
+def parse_override(value: str | None) -> Variant | None:
+    """Variant named by an ``X-Gateway-Variant`` request header, or None if it names none."""
+    if value is None:
+        return None
+    try:
+        return Variant(value.strip().lower())
+    except ValueError:
+        return None

@@ -1,0 +1,241 @@
+"""``gateway demo``: two small built-in model servers and a gateway in front of them.
+
+The servers speak two common model APIs so the demo looks like real traffic:
+TF Serving's ``:predict`` (class scores) and OpenAI's ``/v1/chat/completions`` (with
+``stream: true`` as server-sent events and a ``usage`` block). The challenger answers a
+little differently from the champion, and can be told to fail a share of requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import random
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway import config as config_module
+from gateway.app import Gateway
+
+
+@dataclass(frozen=True)
+class ModelBehaviour:
+    name: str
+    # Added to the positive-class score: the challenger "disagrees a little".
+    bias: float = 0.0
+    error_rate: float = 0.0
+    reply_suffix: str = ""
+    latency_seconds: float = 0.0
+
+
+def _scores(text: str, bias: float) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    positive = min(1.0, max(0.0, digest[0] / 255 + bias))
+    return [round(1.0 - positive, 4), round(positive, 4)]
+
+
+def model_server_app(
+    behaviour: ModelBehaviour, rng: random.Random | None = None
+) -> web.Application:
+    """A tiny model server. Deterministic given the input, apart from the error rate."""
+    rng = rng or random.Random()
+
+    def should_fail() -> bool:
+        return behaviour.error_rate > 0 and rng.random() < behaviour.error_rate
+
+    async def predict(request: web.Request) -> web.StreamResponse:
+        if behaviour.latency_seconds:
+            await asyncio.sleep(behaviour.latency_seconds)
+        if should_fail():
+            return web.json_response({"error": "model crashed"}, status=500)
+        try:
+            body = orjson.loads(await request.read())
+            instances = body["instances"]
+            texts = [str(item) for item in instances]
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return web.json_response({"error": 'expected {"instances": [...]}'}, status=400)
+        return web.json_response(
+            {
+                "predictions": [_scores(t, behaviour.bias) for t in texts],
+                "model_version": behaviour.name,
+            }
+        )
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        if behaviour.latency_seconds:
+            await asyncio.sleep(behaviour.latency_seconds)
+        if should_fail():
+            return web.json_response({"error": {"message": "model crashed"}}, status=500)
+        try:
+            body = orjson.loads(await request.read())
+            messages = body["messages"]
+            prompt = " ".join(str(m.get("content", "")) for m in messages)
+        except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+            return web.json_response({"error": {"message": "expected messages"}}, status=400)
+        words = f"You said: {prompt}.{behaviour.reply_suffix}".split()
+        usage = {
+            "prompt_tokens": len(prompt.split()),
+            "completion_tokens": len(words),
+            "total_tokens": len(prompt.split()) + len(words),
+        }
+        common: dict[str, Any] = {
+            "id": f"chatcmpl-{rng.getrandbits(48):x}",
+            "created": int(time.time()),
+            "model": behaviour.name,
+        }
+        if not body.get("stream"):
+            return web.json_response(
+                {
+                    **common,
+                    "object": "chat.completion",
+                    "choices": [
+                        {
+                            "index": 0,
+                            "message": {"role": "assistant", "content": " ".join(words)},
+                            "finish_reason": "stop",
+                        }
+                    ],
+                    "usage": usage,
+                }
+            )
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i, word in enumerate(words):
+            chunk = {
+                **common,
+                "object": "chat.completion.chunk",
+                "choices": [{"index": 0, "delta": {"content": word if i == 0 else " " + word}}],
+            }
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+            await asyncio.sleep(0.05)
+        final = {**common, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+        await response.write(b"data: " + orjson.dumps(final) + b"\n\ndata: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def health(request: web.Request) -> web.Response:
+        return web.json_response({"status": "ok", "model": behaviour.name})
+
+    app = web.Application()
+    app.router.add_post("/v1/models/{model}:predict", predict)
+    app.router.add_post("/v1/chat/completions", chat)
+    app.router.add_get("/healthz", health)
+    return app
+
+
+def demo_config(
+    champion_url: str, challenger_url: str, port: int, admin_port: int, weight: float
+) -> config_module.GatewayConfig:
+    return config_module.parse(
+        {
+            "server": {"host": "127.0.0.1", "port": port},
+            "admin": {"host": "127.0.0.1", "port": admin_port},
+            "backends": {
+                "sentiment-v1": {"url": champion_url, "timeout_seconds": 10},
+                "sentiment-v2": {"url": challenger_url, "timeout_seconds": 10},
+            },
+            "routes": [
+                {
+                    "name": "sentiment",
+                    "match": {"path_prefix": "/v1/models/sentiment"},
+                    "champion": "sentiment-v1",
+                    "challenger": "sentiment-v2",
+                    "split": {"challenger_weight": weight},
+                },
+                {
+                    "name": "chat",
+                    "match": {"path_prefix": "/v1/chat/completions"},
+                    "champion": "sentiment-v1",
+                    "challenger": "sentiment-v2",
+                    "split": {"challenger_weight": weight, "key": "header:X-User-ID"},
+                },
+            ],
+        },
+        environ={},
+    )
+
+
+class Demo:
+    """The demo's three servers, started and stopped together."""
+
+    def __init__(
+        self,
+        *,
+        port: int = 8080,
+        admin_port: int = 9090,
+        weight: float = 0.2,
+        error_rate: float = 0.0,
+    ) -> None:
+        self.port = port
+        self.admin_port = admin_port
+        self.weight = weight
+        self.champion = ModelBehaviour("sentiment-v1")
+        self.challenger = ModelBehaviour(
+            "sentiment-v2", bias=0.03, error_rate=error_rate, reply_suffix=" Anything else?"
+        )
+        self._model_runners: list[web.AppRunner] = []
+        self.model_urls: list[str] = []
+        self.gateway: Gateway | None = None
+
+    async def start(self) -> None:
+        for behaviour in (self.champion, self.challenger):
+            runner = web.AppRunner(model_server_app(behaviour), access_log=None)
+            await runner.setup()
+            site = web.TCPSite(runner, "127.0.0.1", 0)
+            await site.start()
+            self._model_runners.append(runner)
+            host, bound = runner.addresses[0][:2]
+            self.model_urls.append(f"http://{host}:{bound}")
+        cfg = demo_config(
+            self.model_urls[0], self.model_urls[1], self.port, self.admin_port, self.weight
+        )
+        self.gateway = Gateway(cfg)
+        await self.gateway.start()
+
+    async def stop(self) -> None:
+        if self.gateway is not None:
+            await self.gateway.stop()
+        for runner in self._model_runners:
+            await runner.cleanup()
+
+    def banner(self) -> str:
+        assert self.gateway is not None
+        gw = f"http://127.0.0.1:{self.gateway.proxy_port}"
+        admin = f"http://127.0.0.1:{self.gateway.admin_port}"
+        return "\n".join(
+            [
+                "gateway demo is running (Ctrl-C to stop)",
+                f"  champion   sentiment-v1  {self.model_urls[0]}",
+                f"  challenger sentiment-v2  {self.model_urls[1]}  (weight {self.weight:g})",
+                f"  gateway    {gw}",
+                f"  admin      {admin}  (/metrics, /api/v1/routes)",
+                "",
+                "try:",
+                f"  curl -si {gw}/v1/models/sentiment:predict -H 'X-Request-ID: demo-1' "
+                '-d \'{"instances": ["I love this"]}\'',
+                f"  curl -sN {gw}/v1/chat/completions -H 'X-User-ID: alice' "
+                '-d \'{"messages": [{"role": "user", "content": "hello"}], "stream": true}\'',
+                f"  gateway status --admin {admin}",
+                f"  gateway weight sentiment 0.5 --admin {admin}",
+            ]
+        )
+
+
+async def run_demo(port: int, admin_port: int, weight: float, error_rate: float) -> None:
+    demo = Demo(port=port, admin_port=admin_port, weight=weight, error_rate=error_rate)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await demo.start()
+    try:
+        print(demo.banner(), flush=True)
+        await stop.wait()
+        print("\nstopping…", flush=True)
+    finally:
+        await demo.stop()

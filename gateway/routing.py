@@ -1,0 +1,104 @@
+"""Route matching: built once from the config, then a few dict lookups per request.
+
+Matching is separate from handling (Starlette's ``matches`` before any I/O): the proxy
+asks for the candidate routes of a path, reads the body only if one of them needs the
+JSON ``model`` field, then picks the route.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import orjson
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RouteMatcher(Generic[T]):
+    """One route's match conditions, carrying whatever the caller attaches as ``target``."""
+
+    path_prefix: str
+    target: T
+    model: str | None = None
+    header_name: str | None = None
+    header_value: str | None = None
+
+    @property
+    def needs_body(self) -> bool:
+        return self.model is not None
+
+    def accepts(self, headers: Mapping[str, str], body_model: str | None) -> bool:
+        if self.header_name is not None and headers.get(self.header_name) != self.header_value:
+            return False
+        return self.model is None or self.model == body_model
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates(Generic[T]):
+    """The routes whose prefix matches a path, most specific first."""
+
+    matchers: tuple[RouteMatcher[T], ...]
+    needs_body: bool
+
+    def select(self, headers: Mapping[str, str], body_model: str | None) -> T | None:
+        for matcher in self.matchers:
+            if matcher.accepts(headers, body_model):
+                return matcher.target
+        return None
+
+
+class Router(Generic[T]):
+    """Longest ``path_prefix`` wins; among equal prefixes, routes with more conditions
+    (model, header) are tried first, then config order.
+
+    Prefixes are plain string prefixes, as in Envoy: ``/v1/models/sentiment`` matches
+    TF Serving's ``/v1/models/sentiment:predict``.
+    """
+
+    def __init__(self, matchers: Sequence[RouteMatcher[T]]) -> None:
+        by_prefix: dict[str, list[RouteMatcher[T]]] = {}
+        for matcher in matchers:
+            by_prefix.setdefault(matcher.path_prefix, []).append(matcher)
+        self._by_prefix: dict[str, Candidates[T]] = {}
+        for prefix, group in by_prefix.items():
+            # sorted() is stable, so config order breaks ties.
+            ordered = sorted(group, key=lambda m: -_specificity(m))
+            self._by_prefix[prefix] = Candidates(tuple(ordered), any(m.needs_body for m in group))
+        # Checking each distinct prefix length, longest first, costs at most one dict
+        # lookup per length, however many routes there are.
+        self._lengths = sorted({len(p) for p in self._by_prefix}, reverse=True)
+
+    def candidates(self, path: str) -> list[Candidates[T]]:
+        """Every prefix group matching ``path``, longest prefix first.
+
+        Shorter prefixes are kept as fallbacks: a request for ``/v1/chat`` whose body names
+        a model no ``/v1/chat`` route serves may still belong to a ``/v1`` route.
+        """
+        found: list[Candidates[T]] = []
+        path_length = len(path)
+        for length in self._lengths:
+            if length <= path_length:
+                group = self._by_prefix.get(path[:length])
+                if group is not None:
+                    found.append(group)
+        return found
+
+
+def _specificity(matcher: RouteMatcher[Any]) -> int:
+    return (matcher.model is not None) + (matcher.header_name is not None)
+
+
+def body_model(body: bytes) -> str | None:
+    """The ``model`` field of a JSON object body, or None."""
+    try:
+        document = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(document, dict):
+        model = document.get("model")
+        if isinstance(model, str):
+            return model
+    return None

@@ -1,0 +1,120 @@
+"""Backend pools: endpoints, load balancing and passive outlier ejection.
+
+A pool only *chooses*; the proxy does the I/O with the one shared ``ClientSession`` and
+reports each attempt's outcome back, which is what ejection decides on.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import aiohttp
+from yarl import URL
+
+from gateway.config import BackendConfig
+
+# An endpoint that fails to connect this many times in a row is taken out of rotation
+# for EJECTION_SECONDS (Envoy's consecutive_gateway_failure, simplified).
+EJECT_AFTER_FAILURES = 5
+EJECTION_SECONDS = 10.0
+
+
+@dataclass(slots=True)
+class Endpoint:
+    base: str
+    active: int = 0
+    consecutive_failures: int = 0
+    ejected_until: float = 0.0
+
+    def url(self, raw_path: str) -> URL:
+        # raw_path is already percent-encoded as the client sent it: keep it byte-exact.
+        return URL(self.base + raw_path, encoded=True)
+
+
+@dataclass(slots=True)
+class BackendPool:
+    name: str
+    model: str
+    endpoints: list[Endpoint]
+    strategy: str
+    timeout: aiohttp.ClientTimeout
+    timeout_seconds: float
+    clock: Callable[[], float] = time.monotonic
+    _next: int = field(default=0)
+
+    @classmethod
+    def from_config(
+        cls, name: str, config: BackendConfig, clock: Callable[[], float] = time.monotonic
+    ) -> BackendPool:
+        return cls(
+            name=name,
+            model=config.model or name,
+            endpoints=[Endpoint(url) for url in config.urls],
+            strategy=config.load_balancing,
+            # sock_read bounds the wait for the headers and every gap between chunks,
+            # not the whole answer: a long LLM stream that keeps flowing is never cut.
+            timeout=aiohttp.ClientTimeout(
+                total=None,
+                sock_connect=config.connect_timeout_seconds,
+                sock_read=config.timeout_seconds,
+            ),
+            timeout_seconds=config.timeout_seconds,
+            clock=clock,
+        )
+
+    def pick(self) -> Endpoint | None:
+        """The endpoint for the next request, or None when every endpoint is ejected."""
+        endpoints = self.endpoints
+        if len(endpoints) == 1:
+            only = endpoints[0]
+            # A lone endpoint is never ejected: there is nowhere better to send the request,
+            # and refusing it would only hide that the backend came back.
+            return only
+        now = self.clock()
+        healthy = [e for e in endpoints if e.ejected_until <= now]
+        if not healthy:
+            return None
+        if self.strategy == "random":
+            return random.choice(healthy)
+        if self.strategy == "least_request":
+            return min(healthy, key=lambda e: e.active)
+        self._next = (self._next + 1) % len(healthy)
+        return healthy[self._next]
+
+    def succeeded(self, endpoint: Endpoint) -> None:
+        endpoint.consecutive_failures = 0
+
+    def failed(self, endpoint: Endpoint) -> None:
+        endpoint.consecutive_failures += 1
+        if endpoint.consecutive_failures >= EJECT_AFTER_FAILURES and len(self.endpoints) > 1:
+            endpoint.ejected_until = self.clock() + EJECTION_SECONDS
+            endpoint.consecutive_failures = 0
+
+
+def build_pools(
+    backends: dict[str, BackendConfig], clock: Callable[[], float] = time.monotonic
+) -> dict[str, BackendPool]:
+    return {name: BackendPool.from_config(name, cfg, clock) for name, cfg in backends.items()}
+
+
+def new_session() -> aiohttp.ClientSession:
+    """The one client session all upstream calls share (connection pooling)."""
+    connector = aiohttp.TCPConnector(
+        limit=0,  # the gateway must not queue requests behind an arbitrary pool size
+        limit_per_host=0,
+        ttl_dns_cache=60,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        # Bodies pass through byte for byte, compressed or not.
+        auto_decompress=False,
+        # Keep the client's header spelling; no default User-Agent is added.
+        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+        cookie_jar=aiohttp.DummyCookieJar(),
+        timeout=aiohttp.ClientTimeout(total=None),
+        raise_for_status=False,
+    )
