@@ -1,0 +1,34 @@
+# Everything installs into ./.venv; nothing else on the machine is touched.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+## demo: install, then start two built-in model servers with the gateway in front
+demo: $(STAMP)
+	$(BIN)/gateway demo
+
+## run: install, then run the gateway with CONFIG (default config/gateway.yaml)
+CONFIG ?= config/gateway.yaml
+run: $(STAMP)
+	$(BIN)/gateway run -c $(CONFIG)
+
+## test: install, then run the test suite
+test: $(STAMP)
+	$(BIN)/pytest
+
+## lint: ruff and mypy (strict) on the package and the tests
+lint: $(STAMP)
+	$(BIN)/ruff check gateway tests bench
+	$(BIN)/mypy gateway
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,149 @@
+"""Process lifecycle: SIGTERM drains in-flight requests, then exits 0."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import free_port
+from tests.conftest import StartApp
+from tests.support import gateway_document
+
+
+async def _in_flight(session: aiohttp.ClientSession, admin: str) -> float:
+    async with session.get(f"{admin}/metrics") as response:
+        text = await response.text()
+    total = 0.0
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_requests_in_flight":
+            total += sum(sample.value for sample in family.samples)
+    return total
+
+
+async def _wait_until_up(session: aiohttp.ClientSession, admin: str, deadline: float) -> None:
+    while time.monotonic() < deadline:
+        try:
+            async with session.get(f"{admin}/readyz") as response:
+                if response.status == 200:
+                    return
+        except aiohttp.ClientConnectionError:
+            pass
+        await asyncio.sleep(0.05)
+    raise AssertionError("gateway did not become ready")
+
+
+async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.json_response({"ok": request.headers["X-Request-ID"]})
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    upstream = await start_app(app)
+    port, admin_port = free_port(), free_port()
+    document = gateway_document(
+        {"one": {"url": upstream}},
+        [{"name": "s", "match": {"path_prefix": "/"}, "champion": "one"}],
+        server={"port": port},
+        admin={"port": admin_port},
+        state={"path": str(tmp_path / "state.db")},
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            await _wait_until_up(session, admin, time.monotonic() + 15)
+
+            async def call(i: int) -> tuple[int, str]:
+                url = f"http://127.0.0.1:{port}/slow"
+                async with session.post(url, headers={"X-Request-ID": f"slow-{i}"}) as response:
+                    return response.status, (await response.json())["ok"]
+
+            calls = [asyncio.create_task(call(i)) for i in range(30)]
+            deadline = time.monotonic() + 10
+            while await _in_flight(session, admin) < 30:
+                assert time.monotonic() < deadline, "requests never got in flight"
+                await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            results = await asyncio.wait_for(asyncio.gather(*calls), timeout=15)
+        assert sorted(results) == sorted((200, f"slow-{i}") for i in range(30))
+        code = await asyncio.wait_for(process.wait(), timeout=15)
+        output = (await process.stdout.read()).decode() if process.stdout else ""
+        assert code == 0, output
+        assert "Traceback" not in output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_stops_accepting_new_connections(start_app: StartApp, tmp_path: Path) -> None:
+    release = asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()
+        return web.Response(text="done")
+
+    app = web.Application()
+    app.router.add_post("/slow", slow)
+    upstream = await start_app(app)
+    port, admin_port = free_port(), free_port()
+    document = gateway_document(
+        {"one": {"url": upstream}},
+        [{"name": "s", "match": {"path_prefix": "/"}, "champion": "one"}],
+        server={"port": port},
+        admin={"port": admin_port},
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(config),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    admin = f"http://127.0.0.1:{admin_port}"
+    try:
+        async with aiohttp.ClientSession() as session:
+            await _wait_until_up(session, admin, time.monotonic() + 15)
+            pending = asyncio.create_task(session.post(f"http://127.0.0.1:{port}/slow"))
+            deadline = time.monotonic() + 10
+            while await _in_flight(session, admin) < 1:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            process.send_signal(signal.SIGTERM)
+            # Once the listener is closed, new connections are refused.
+            deadline = time.monotonic() + 5
+            refused = False
+            while time.monotonic() < deadline and not refused:
+                try:
+                    _, writer = await asyncio.open_connection("127.0.0.1", port)
+                    writer.close()
+                    await asyncio.sleep(0.05)
+                except OSError:
+                    refused = True
+            assert refused
+            release.set()
+            response = await asyncio.wait_for(pending, timeout=10)
+            assert response.status == 200
+            response.release()
+        assert await asyncio.wait_for(process.wait(), timeout=15) == 0
+    finally:
+        release.set()
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
