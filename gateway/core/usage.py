@@ -1,0 +1,128 @@
+"""Token counts from an answer's OpenAI-style ``usage``, read as the answer streams by.
+
+The proxy never buffers an answer to read it: it hands each chunk to a ``UsageSniffer``,
+which keeps references to the first and last few kilobytes only. At the end the last
+``"usage"`` object in what was kept gives the counts. That covers a plain JSON answer
+(``usage`` is a top-level field, usually last) and a streamed SSE answer (the final
+``data:`` event carries ``usage``; earlier ones may carry ``"usage": null``).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import NamedTuple
+
+import orjson
+
+HEAD_BYTES = 8 * 1024
+TAIL_BYTES = 16 * 1024
+_USAGE_KEY = b'"usage"'
+
+
+class Usage(NamedTuple):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+NO_USAGE = Usage()
+
+
+class UsageSniffer:
+    """Keeps the head and tail of a byte stream, bounded, without copying chunks."""
+
+    __slots__ = ("_dropped", "_head", "_head_size", "_tail", "_tail_size")
+
+    def __init__(self) -> None:
+        self._dropped = False
+        self._head: list[bytes] = []
+        self._head_size = 0
+        self._tail: deque[bytes] = deque()
+        self._tail_size = 0
+
+    def feed(self, chunk: bytes) -> None:
+        if self._head_size < HEAD_BYTES:
+            self._head.append(chunk)
+            self._head_size += len(chunk)
+            return
+        tail = self._tail
+        tail.append(chunk)
+        self._tail_size += len(chunk)
+        # Drop whole chunks that no longer reach into the last TAIL_BYTES.
+        while len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
+            self._tail_size -= len(tail.popleft())
+            self._dropped = True
+
+    def usage(self) -> Usage:
+        head = b"".join(self._head)
+        if not self._tail:
+            return find_usage(head) or NO_USAGE
+        tail = b"".join(self._tail)
+        if not self._dropped:
+            # head + tail is the whole answer: a usage object split between them counts.
+            return find_usage(head + tail) or NO_USAGE
+        return find_usage(tail) or find_usage(head) or NO_USAGE
+
+
+def find_usage(data: bytes) -> Usage | None:
+    """Counts from the last ``"usage": {...}`` in ``data``; None if there is none."""
+    position = data.rfind(_USAGE_KEY)
+    while position != -1:
+        found = _usage_at(data, position + len(_USAGE_KEY))
+        if found is not None:
+            return found
+        position = data.rfind(_USAGE_KEY, 0, position)
+    return None
+
+
+def _usage_at(data: bytes, start: int) -> Usage | None:
+    index = start
+    length = len(data)
+    while index < length and data[index] in b" \t\r\n":
+        index += 1
+    if index >= length or data[index] != ord(":"):
+        return None
+    index += 1
+    while index < length and data[index] in b" \t\r\n":
+        index += 1
+    if index >= length or data[index] != ord("{"):
+        return None  # "usage": null, or cut off
+    end = _matching_brace(data, index)
+    if end == -1:
+        return None
+    try:
+        usage = orjson.loads(data[index : end + 1])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(usage, dict):
+        return None
+    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+
+
+def _matching_brace(data: bytes, start: int) -> int:
+    depth = 0
+    in_string = False
+    index = start
+    length = len(data)
+    while index < length:
+        byte = data[index]
+        if in_string:
+            if byte == 0x5C:  # backslash: skip the escaped character
+                index += 1
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte == 0x7B:
+            depth += 1
+        elif byte == 0x7D:
+            depth -= 1
+            if depth == 0:
+                return index
+        index += 1
+    return -1
+
+
+def _count(value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        return 0
+    return value
