@@ -385,3 +385,19 @@ async def test_oversized_body_gives_413(
     status, body, _ = await _json(http, proxy_url(gateway, "/plain"), data=b"z" * 1000)
     assert status == 200
     assert body["body_length"] == 1000
+
+
+@pytest.mark.timeout(10)  # without a 100 Continue the client waits forever
+async def test_expect_100_continue_is_answered_at_once(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    one = await start_app(echo_app("one"))
+    gateway = await start_gateway(single_backend(one))
+    payload = os.urandom(200_000)
+    started = time.monotonic()
+    async with http.post(proxy_url(gateway, "/up"), data=payload, expect100=True) as response:
+        body = await response.json()
+    assert response.status == 200
+    assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
+    assert "expect" not in {k.lower() for k in body["headers"]}
+    assert time.monotonic() - started < 0.9  # curl would have waited 1 s without it
