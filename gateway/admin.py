@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
@@ -62,21 +63,47 @@ def route_view(route: RouteRuntime) -> dict[str, Any]:
             "allow_override": config.split.allow_override,
             "challenger_buckets": route.threshold,
         },
-        "shadow": config.shadow.model_dump() if config.shadow else None,
+        "shadow": _shadow_summary(route),
         "canary": {"state": "idle", "config": config.canary.model_dump()}
         if config.canary
         else None,
     }
 
 
+def _shadow_summary(route: RouteRuntime) -> dict[str, Any] | None:
+    policy = route.shadow
+    if policy is None:
+        return None
+    tally = policy.stats.tally
+    return {
+        "target": policy.target.name,
+        "sample_rate": policy.config.sample_rate,
+        "sampling": policy.config.sampling,
+        "in_flight": policy.in_flight,
+        "outcomes": {o.value: n for o, n in tally.counts.items()},
+        "agreement_rate": tally.agreement_rate,
+    }
+
+
+def shadow_report(route: RouteRuntime) -> dict[str, Any]:
+    policy = route.shadow
+    assert policy is not None
+    report: dict[str, Any] = dataclasses.asdict(policy.stats.snapshot())
+    return {**(_shadow_summary(route) or {}), **report}
+
+
 def _auth_middleware(token: str) -> Middleware:
-    expected = f"Bearer {token}".encode()
+    expected = token.encode()
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         if token and request.path.startswith("/api/"):
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, expected):
+            scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+            # The scheme is case-insensitive (RFC 9110 11.1); the token is not.
+            valid = scheme.lower() == "bearer" and hmac.compare_digest(
+                given.strip().encode(), expected
+            )
+            if not valid:
                 return json_error(401, "unauthorized", "missing or wrong bearer token")
         return await handler(request)
 
@@ -131,6 +158,15 @@ async def get_route(request: web.Request) -> web.Response:
     return json_response(route_view(found))
 
 
+async def get_shadow(request: web.Request) -> web.Response:
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    if found.shadow is None:
+        return json_error(404, "no_shadow", f"route {found.name!r} has no shadow configured")
+    return json_response(shadow_report(found))
+
+
 async def put_weight(request: web.Request) -> web.Response:
     found = _route_or_404(request)
     if isinstance(found, web.Response):
@@ -176,6 +212,7 @@ def build_admin_app(target: AdminTarget, token: str) -> web.Application:
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/v1/routes", list_routes)
     app.router.add_get("/api/v1/routes/{name}", get_route)
+    app.router.add_get("/api/v1/routes/{name}/shadow", get_shadow)
     app.router.add_put("/api/v1/routes/{name}/weight", put_weight)
     app.router.add_post("/api/v1/reload", reload)
     return app

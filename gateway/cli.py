@@ -82,7 +82,9 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = No
         request.add_header("Authorization", f"Bearer {args.token}")
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
-            return json.loads(response.read())
+            answer = json.loads(response.read())
+    except ValueError:
+        raise SystemExit(f"gateway: {url} did not answer like the gateway's admin API") from None
     except urllib.error.HTTPError as error:
         try:
             detail = json.loads(error.read())["error"]["message"]
@@ -92,10 +94,13 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = No
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise SystemExit(f"gateway: cannot reach the admin API at {url}: {reason}") from None
+    return answer
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     data = _admin_call(args, "GET", "/api/v1/routes")
+    if not isinstance(data, dict) or not isinstance(data.get("routes"), list):
+        raise SystemExit(f"gateway: {args.admin} did not answer like the gateway's admin API")
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
@@ -112,6 +117,8 @@ def cmd_weight(args: argparse.Namespace) -> int:
     route = _admin_call(
         args, "PUT", f"/api/v1/routes/{args.route}/weight", {"challenger_weight": args.weight}
     )
+    if not isinstance(route, dict) or "challenger_weight" not in route:
+        raise SystemExit(f"gateway: {args.admin} did not answer like the gateway's admin API")
     print(f"{route['name']}: challenger weight {route['challenger_weight']:g}")
     return 0
 

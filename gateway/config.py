@@ -24,8 +24,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import ErrorDetails
-
-from gateway.core.split import threshold
+from yarl import URL
 
 
 class ConfigError(Exception):
@@ -59,7 +58,21 @@ def _is_loopback(host: str) -> bool:
 
 
 def _check_http_url(url: str) -> str:
-    if not re.match(r"^https?://[^/\s]+", url):
+    """An upstream base URL: scheme, host and optional port and path; nothing else."""
+    try:
+        parsed = URL(url)
+        port = parsed.port  # yarl checks the port only when asked
+    except (ValueError, TypeError):
+        parsed, port = None, None
+    if (
+        parsed is None
+        or parsed.scheme not in ("http", "https")
+        or not parsed.host
+        or port is None
+        or re.search(r"\s", url)
+        or parsed.query_string
+        or parsed.fragment
+    ):
         raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
     return url.rstrip("/")
 
@@ -174,6 +187,15 @@ class SplitConfig(_Strict):
     salt: str = ""
     allow_override: bool = False
 
+    @field_validator("challenger_weight", mode="before")
+    @classmethod
+    def _not_a_bool(cls, value: object) -> object:
+        # YAML reads "yes"/"true" as a boolean, which pydantic would take as 1.0:
+        # all traffic to the challenger because of a typo.
+        if isinstance(value, bool):
+            raise ValueError(f"must be a number between 0 and 1, got {value}")
+        return value
+
     @field_validator("challenger_weight")
     @classmethod
     def _weight(cls, value: float) -> float:
@@ -191,9 +213,70 @@ class SplitConfig(_Strict):
         return value
 
 
-class ShadowConfig(_Strict):
-    target: str
+class CompareConfig(_Strict):
+    """How a shadow's answer is compared with the champion's (see gateway.core.compare)."""
+
+    protocol: Literal["auto", "oip", "tfserving", "openai", "json", "bytes"] = "auto"
+    # JSON paths left out of the comparison, e.g. "$.id", "$.choices[*].finish_reason".
+    ignore: list[str] = []
+    abs_tol: Annotated[float, Field(ge=0)] = 1e-6
+    rel_tol: Annotated[float, Field(ge=0)] = 1e-5
+    vector_match: Literal["tolerance", "argmax", "topk", "cosine"] = "tolerance"
+    min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.999
+    top_k: Annotated[int, Field(ge=1)] = 5
+    text_match: Literal["exact", "whitespace"] = "exact"
+
+    @field_validator("ignore")
+    @classmethod
+    def _patterns(cls, value: list[str]) -> list[str]:
+        from gateway.core.extract import PathMatcher
+
+        for pattern in value:
+            try:
+                PathMatcher((pattern,))
+            except ValueError as error:
+                raise ValueError(f"bad JSON path pattern {pattern!r}: {error}") from None
+        return value
+
+
+class BaselineConfig(_Strict):
+    """Champion-vs-champion noise baseline: a field counts as a real difference only where
+    the challenger's mismatch rate clearly exceeds the champion's own."""
+
+    # Share of mirrored requests also sent a second time to the champion.
     sample_rate: Probability = 0.0
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.99
+    min_samples: Annotated[int, Field(ge=1)] = 20
+    min_noise_samples: Annotated[int, Field(ge=0)] = 20
+    min_net_rate: Probability = 0.0
+
+
+class ShadowReportConfig(_Strict):
+    max_fields: Annotated[int, Field(ge=1, le=10_000)] = 256
+    latency_window: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
+    last_mismatches: Annotated[int, Field(ge=0, le=10_000)] = 50
+    max_value_chars: Annotated[int, Field(ge=8)] = 256
+    # Append every mismatch as one JSON line to this file, for offline analysis.
+    mismatch_log: str | None = None
+
+
+class ShadowConfig(_Strict):
+    # Defaults to the route's challenger.
+    target: str | None = None
+    sample_rate: Probability = 0.0
+    # random: each request independently; key: by the split key, so the same users
+    # (or sessions, or request IDs) are always mirrored.
+    sampling: Literal["random", "key"] = "random"
+    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 32
+    # Defaults to the target backend's timeout_seconds.
+    timeout_seconds: PositiveSeconds | None = None
+    # Requests and answers larger than this are not mirrored (counted as dropped).
+    max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+    # PUT, PATCH and DELETE are mirrored only when the target may see them twice.
+    allow_side_effects: bool = False
+    compare: CompareConfig = CompareConfig()
+    baseline: BaselineConfig = BaselineConfig()
+    report: ShadowReportConfig = ShadowReportConfig()
 
 
 class CanaryConfig(_Strict):
@@ -214,9 +297,15 @@ class RouteConfig(_Strict):
     shadow: ShadowConfig | None = None
     canary: CanaryConfig | None = None
 
+    @property
+    def shadow_target(self) -> str | None:
+        if self.shadow is None:
+            return None
+        return self.shadow.target or self.challenger
+
     @model_validator(mode="after")
     def _weight_needs_challenger(self) -> RouteConfig:
-        if self.challenger is None and threshold(self.split.challenger_weight) > 0:
+        if self.challenger is None and self.split.challenger_weight > 0:
             raise ValueError(
                 "split.challenger_weight: a route without a challenger must have weight 0, "
                 f"got {self.split.challenger_weight}"
@@ -254,6 +343,12 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
         refs = [("champion", route.champion), ("challenger", route.challenger)]
         if route.shadow is not None:
             refs.append(("shadow.target", route.shadow.target))
+            if route.shadow.target is None and route.challenger is None:
+                problems.append(f"{where}.shadow.target: required when the route has no challenger")
+            elif route.shadow_target == route.champion:
+                problems.append(
+                    f"{where}.shadow.target: must differ from the champion, got {route.champion!r}"
+                )
         for field, backend in refs:
             if backend is not None and backend not in config.backends:
                 problems.append(
@@ -293,6 +388,11 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
 _VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
 
 
+class _BadReference(Exception):
+    def __init__(self, value: str) -> None:
+        self.value = value
+
+
 class _UnsetVariable(Exception):
     def __init__(self, name: str) -> None:
         self.name = name
@@ -301,13 +401,18 @@ class _UnsetVariable(Exception):
 def _expand_string(value: str, environ: Mapping[str, str]) -> str:
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
+        if default is not None and "${" in default:
+            raise _BadReference(value)
         if name in environ and (environ[name] != "" or default is None):
             return environ[name]
         if default is not None:
             return default
         raise _UnsetVariable(name)
 
-    return _VAR.sub(substitute, value)
+    expanded = _VAR.sub(substitute, value)
+    if "${" in _VAR.sub("", value):
+        raise _BadReference(value)
+    return expanded
 
 
 def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
@@ -320,6 +425,13 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
     if isinstance(node, str):
         try:
             return _expand_string(node, environ)
+        except _BadReference as bad:
+            raise ConfigError(
+                [
+                    f"{path or '<root>'}: cannot expand {bad.value!r}: write ${{VAR}} or "
+                    "${VAR:-default} (defaults cannot nest)"
+                ]
+            ) from None
         except _UnsetVariable as unset:
             raise ConfigError(
                 [
@@ -363,7 +475,9 @@ def _format_error(error: ErrorDetails) -> str:
     if error["type"] == "missing":
         return f"{path}: required key is missing"
     got = error.get("input")
-    return f"{path or '<root>'}: {message.lower()}, got {got!r}"
+    # Lowercase only the first letter: the rest may quote a case-sensitive pattern.
+    message = message[:1].lower() + message[1:]
+    return f"{path or '<root>'}: {message}, got {got!r}"
 
 
 def parse(

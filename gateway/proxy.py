@@ -10,16 +10,28 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from gateway.core.compare import Answer
 from gateway.core.split import Variant, bucket_of, choose, parse_override
+from gateway.core.stats import ShadowOutcome
+from gateway.core.usage import NO_USAGE, UsageSniffer
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
 from gateway.runtime import RouteRuntime
+from gateway.shadow import (
+    BoundedCopy,
+    MirroredRequest,
+    ShadowPolicy,
+    ShadowRunner,
+    decode_body,
+    tee_stream,
+)
 from gateway.upstream import BackendPool
 
 VARIANT_HEADER = "X-Gateway-Variant"
@@ -155,6 +167,32 @@ async def limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIter
         yield chunk
 
 
+class LoadTracer(Protocol):
+    """Counts each backend's load into trace windows (gateway.tracing.TraceWriter)."""
+
+    def add(self, model: str) -> Any: ...
+
+    def done(self, handle: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One request's way through the pipeline, once its route and variant are known."""
+
+    request: web.BaseRequest
+    request_id: str
+    route: RouteRuntime
+    variant: Variant
+    pool: BackendPool
+    metrics: RouteMetrics
+    started: float
+    body: bytes | None = None  # set when the body was read to match on its model
+    mirror: ShadowPolicy | None = None
+    request_copy: BoundedCopy | None = None
+    answer_copy: BoundedCopy | None = None
+    usage: UsageSniffer | None = None
+
+
 class Proxy:
     """The request handler. Swap ``router`` to reload; each request reads it once."""
 
@@ -167,6 +205,8 @@ class Proxy:
         request_id_header: str = "X-Request-ID",
         max_body_bytes: int = 10 * 1024 * 1024,
         new_request_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        shadow_runner: ShadowRunner | None = None,
+        tracer: LoadTracer | None = None,
     ) -> None:
         self.router = router
         self.session = session
@@ -174,6 +214,8 @@ class Proxy:
         self.request_id_header = request_id_header
         self.max_body_bytes = max_body_bytes
         self.new_request_id = new_request_id
+        self.shadow_runner = shadow_runner
+        self.tracer = tracer
         self.draining = False
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -183,7 +225,6 @@ class Proxy:
             return self._fail(
                 self.unrouted, DRAINING, "the gateway is shutting down", request_id, started
             )
-
         if request.body_exists and request.headers.get("Expect", "").lower() == "100-continue":
             # The body is streamed upstream as it comes, so the client may send it now;
             # without this, curl waits a second before every large upload.
@@ -212,16 +253,33 @@ class Proxy:
         # 2-3. Key and split.
         variant = self._variant(route, request, request_id)
         pool = route.pool(variant)
-        metrics = route.metrics[variant]
+        exchange = Exchange(
+            request, request_id, route, variant, pool, route.metrics[variant], started, body
+        )
+        # 6 (decided now, run last). Only answers the clients got from the champion are
+        # mirrored: the challenger's own answers are not what it is compared against.
+        policy = route.shadow
+        if (
+            policy is not None
+            and variant is Variant.CHAMPION
+            and self.shadow_runner is not None
+            and policy.samples(request.method, self._shadow_key(policy, request, request_id))
+        ):
+            exchange.mirror = policy
 
         # 4-5. Forward and record.
-        metrics.in_flight.inc()
+        tracer = self.tracer
+        trace = tracer.add(pool.model) if tracer is not None else None
+        if trace is not None:
+            exchange.usage = UsageSniffer()
+        exchange.metrics.in_flight.inc()
         try:
-            return await self._forward(
-                request, request_id, route, variant, pool, metrics, body, started
-            )
+            return await self._forward(exchange)
         finally:
-            metrics.in_flight.dec()
+            exchange.metrics.in_flight.dec()
+            if tracer is not None:
+                counts = exchange.usage.usage() if exchange.usage is not None else NO_USAGE
+                tracer.done(trace, counts.prompt_tokens, counts.completion_tokens)
 
     def _variant(self, route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
         if route.allow_override:
@@ -234,17 +292,46 @@ class Proxy:
         key = route.key_source.extract(request, request_id)
         return choose(bucket_of(key, route.salt), cut)
 
-    async def _forward(
-        self,
-        request: web.BaseRequest,
-        request_id: str,
-        route: RouteRuntime,
-        variant: Variant,
-        pool: BackendPool,
-        metrics: RouteMetrics,
-        body: bytes | None,
-        started: float,
-    ) -> web.StreamResponse:
+    @staticmethod
+    def _shadow_key(policy: ShadowPolicy, request: web.BaseRequest, request_id: str) -> str:
+        if policy.config.sampling != "key" or policy.route_key is None:
+            return request_id
+        return policy.route_key.extract(request, request_id)
+
+    def _request_data(
+        self, exchange: Exchange
+    ) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | GatewayError | None:
+        """What to send upstream as the body, copying it for the shadow when mirrored."""
+        request = exchange.request
+        mirror = exchange.mirror
+        if exchange.body is not None:
+            return exchange.body
+        if not request.body_exists:
+            return None
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            return BODY_TOO_LARGE
+        if mirror is not None:
+            if length is not None and length > mirror.config.max_body_bytes:
+                mirror.fail(ShadowOutcome.DROPPED)
+                exchange.mirror = None
+            else:
+                copy = exchange.request_copy = BoundedCopy(mirror.config.max_body_bytes)
+                source = (
+                    request.content.iter_any()
+                    if length is not None
+                    else limited_stream(request.content, self.max_body_bytes)
+                )
+                return tee_stream(source, copy)
+        # A declared length is enforced by the HTTP parser; only a chunked body
+        # needs counting on the way through.
+        if length is not None:
+            return request.content
+        return limited_stream(request.content, self.max_body_bytes)
+
+    async def _forward(self, exchange: Exchange) -> web.StreamResponse:
+        pool, metrics = exchange.pool, exchange.metrics
+        request, request_id, started = exchange.request, exchange.request_id, exchange.started
         endpoint = pool.pick()
         if endpoint is None:
             metrics.upstream_error("no_healthy_endpoint")
@@ -252,19 +339,9 @@ class Proxy:
                 metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
                 request_id, started,
             )  # fmt: skip
-
-        data: bytes | aiohttp.StreamReader | AsyncIterator[bytes] | None = body
-        if body is None and request.body_exists:
-            length = request.content_length
-            if length is not None and length > self.max_body_bytes:
-                return self._too_large(metrics, request_id, started)
-            # A declared length is enforced by the HTTP parser; only a chunked body
-            # needs counting on the way through.
-            data = (
-                request.content
-                if length is not None
-                else limited_stream(request.content, self.max_body_bytes)
-            )
+        data = self._request_data(exchange)
+        if isinstance(data, GatewayError):
+            return self._too_large(metrics, request_id, started)
 
         headers = upstream_request_headers(request, self.request_id_header, request_id)
         endpoint.active += 1
@@ -288,7 +365,9 @@ class Proxy:
                     f"backend {pool.name} did not answer within {pool.timeout_seconds:g}s",
                     request_id, started,
                 )  # fmt: skip
-            except aiohttp.ClientError as error:
+            except (aiohttp.ClientError, OSError, ValueError) as error:
+                # OSError and ValueError: a socket error aiohttp did not wrap, or a URL
+                # it refused; the client still gets a JSON 502, and it is counted.
                 if isinstance(error.__cause__, BodyTooLarge):
                     return self._too_large(metrics, request_id, started)
                 pool.failed(endpoint)
@@ -299,30 +378,46 @@ class Proxy:
                     request_id, started,
                 )  # fmt: skip
             pool.succeeded(endpoint)
-            return await self._relay(request, upstream, request_id, variant, metrics, started)
+            response, complete = await self._relay(exchange, upstream)
         finally:
             endpoint.active -= 1
+        if complete and exchange.mirror is not None:
+            self._submit_shadow(exchange, upstream, headers)
+        return response
 
     async def _relay(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        request_id: str,
-        variant: Variant,
-        metrics: RouteMetrics,
-        started: float,
-    ) -> web.StreamResponse:
-        """Stream the upstream answer to the client chunk by chunk as it arrives."""
+        self, exchange: Exchange, upstream: aiohttp.ClientResponse
+    ) -> tuple[web.StreamResponse, bool]:
+        """Stream the upstream answer to the client chunk by chunk as it arrives.
+
+        Returns the response and whether the whole answer reached the client."""
+        request, metrics = exchange.request, exchange.metrics
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,
-            headers=client_response_headers(upstream, self.request_id_header, request_id, variant),
+            headers=client_response_headers(
+                upstream, self.request_id_header, exchange.request_id, exchange.variant
+            ),
         )
+        usage = exchange.usage
+        copy: BoundedCopy | None = None
+        if exchange.mirror is not None:
+            copy = exchange.answer_copy = BoundedCopy(exchange.mirror.config.max_body_bytes)
+        complete = False
         try:
             await response.prepare(request)
-            async for chunk in upstream.content.iter_any():
-                await response.write(chunk)
+            if usage is None and copy is None:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+            else:
+                async for chunk in upstream.content.iter_any():
+                    await response.write(chunk)
+                    if usage is not None:
+                        usage.feed(chunk)
+                    if copy is not None:
+                        copy.feed(chunk)
             await response.write_eof()
+            complete = True
         except TimeoutError:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
@@ -338,8 +433,41 @@ class Proxy:
             upstream.close()
         else:
             upstream.release()
-        metrics.count(upstream.status, time.perf_counter() - started)
-        return response
+        metrics.count(upstream.status, time.perf_counter() - exchange.started)
+        return response, complete
+
+    def _submit_shadow(
+        self,
+        exchange: Exchange,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+    ) -> None:
+        policy = exchange.mirror
+        assert policy is not None and self.shadow_runner is not None
+        request_body = exchange.body
+        if request_body is None and exchange.request_copy is not None:
+            request_body = exchange.request_copy.value()
+            if request_body is None:
+                policy.fail(ShadowOutcome.DROPPED)
+                return
+        answer = exchange.answer_copy.value() if exchange.answer_copy is not None else None
+        decoded = (
+            decode_body(answer, upstream.headers.get("Content-Encoding"))
+            if answer is not None
+            else None
+        )
+        if decoded is None:
+            policy.fail(ShadowOutcome.DROPPED)
+            return
+        request = exchange.request
+        self.shadow_runner.submit(
+            policy,
+            MirroredRequest(
+                exchange.request_id, request.method, request.raw_path, headers, request_body
+            ),
+            Answer(upstream.status, upstream.headers.get("Content-Type", ""), decoded),
+            time.perf_counter() - exchange.started,
+        )
 
     def _too_large(self, metrics: RouteMetrics, request_id: str, started: float) -> web.Response:
         return self._fail(
@@ -359,7 +487,7 @@ class Proxy:
         return error_response(error, message, request_id, self.request_id_header)
 
 
-def _is_connect_error(error: aiohttp.ClientError) -> bool:
+def _is_connect_error(error: Exception) -> bool:
     return isinstance(error, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError)
 
 
