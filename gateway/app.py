@@ -18,6 +18,7 @@ from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteMatcher, Router
 from gateway.runtime import RouteRuntime, build_route
+from gateway.shadow import ShadowRunner
 from gateway.upstream import build_pools, new_session
 
 log = logging.getLogger("gateway")
@@ -61,6 +62,7 @@ class Gateway:
         self.reuse_port = reuse_port
         self.routes: dict[str, RouteRuntime] = build_routes(config, self.metrics)
         self._session: aiohttp.ClientSession | None = None
+        self.shadow_runner: ShadowRunner | None = None
         self._proxy: Proxy | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -115,12 +117,14 @@ class Gateway:
     async def start(self) -> None:
         server_cfg = self.config.server
         self._session = new_session()
+        self.shadow_runner = ShadowRunner(self._session)
         self._proxy = Proxy(
             build_router(self.routes),
             self._session,
             self.metrics.unrouted(),
             request_id_header=server_cfg.request_id_header,
             max_body_bytes=server_cfg.max_body_bytes,
+            shadow_runner=self.shadow_runner,
         )
         server = web.Server(self._proxy.handle, access_log=None, handler_cancellation=False)
         self._proxy_runner = web.ServerRunner(
@@ -163,6 +167,8 @@ class Gateway:
             # waits up to shutdown_timeout for running handlers.
             await self._proxy_runner.cleanup()
             self._proxy_runner = None
+        if self.shadow_runner is not None:
+            await self.shadow_runner.close()
         if self._session is not None:
             await self._session.close()
             self._session = None

@@ -7,52 +7,15 @@ backend pools and the pre-bound metric children.
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from aiohttp import web
-
 from gateway.config import RouteConfig
 from gateway.core.split import Variant, threshold
+from gateway.keys import KeySource
 from gateway.metrics import Metrics, RouteMetrics
+from gateway.shadow import ShadowPolicy
 from gateway.upstream import BackendPool
-
-
-class KeyKind(enum.Enum):
-    REQUEST_ID = "request_id"
-    HEADER = "header"
-    COOKIE = "cookie"
-    QUERY = "query"
-
-
-@dataclass(frozen=True, slots=True)
-class KeySource:
-    """Where a route's sticky split key comes from (``split.key`` in the config)."""
-
-    kind: KeyKind
-    name: str = ""
-
-    @classmethod
-    def parse(cls, spec: str) -> KeySource:
-        if spec == "request_id":
-            return cls(KeyKind.REQUEST_ID)
-        kind, _, name = spec.partition(":")
-        return cls(KeyKind(kind), name)
-
-    def extract(self, request: web.BaseRequest, request_id: str) -> str:
-        """The key for this request. A request without the named header, cookie or
-        query parameter falls back to its request ID, so it is still split by weight."""
-        kind = self.kind
-        if kind is KeyKind.REQUEST_ID:
-            return request_id
-        if kind is KeyKind.HEADER:
-            value = request.headers.get(self.name)
-        elif kind is KeyKind.COOKIE:
-            value = request.cookies.get(self.name)
-        else:
-            value = request.query.get(self.name)
-        return value if value else request_id
 
 
 @dataclass(slots=True)
@@ -62,6 +25,7 @@ class RouteRuntime:
     challenger: BackendPool | None
     key_source: KeySource
     metrics: dict[Variant, RouteMetrics]
+    shadow: ShadowPolicy | None = None
     weight: float = 0.0
     threshold: int = 0
     # Called after every weight change (metrics gauge, persistence).
@@ -105,6 +69,16 @@ def build_route(
         key_source=KeySource.parse(config.split.key),
         metrics={variant: metrics.route(config.name, variant) for variant in Variant},
     )
+    target = config.shadow_target
+    if config.shadow is not None and target is not None:
+        route.shadow = ShadowPolicy(
+            route=config.name,
+            config=config.shadow,
+            target=pools[target],
+            champion=route.champion,
+            metrics=metrics,
+            route_key=route.key_source,
+        )
     gauge = metrics.challenger_weight.labels(config.name)
     route.on_weight_change.append(lambda r: gauge.set(r.weight))
     route.set_weight(config.split.challenger_weight)

@@ -1,0 +1,344 @@
+"""Shadow traffic: mirror a sample of champion-answered requests to a shadow target,
+off the response path, and compare its answers with the ones clients got.
+
+Nothing here may slow, fail or alter a client's answer: the proxy only keeps bounded
+copies of the request and the answer while they stream, and hands them over once the
+client has been answered. Each route's runner bounds its calls in flight; a sample that
+finds no room is dropped and counted, so load on a slow shadow never piles up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+from multidict import CIMultiDict
+
+from gateway.config import ShadowConfig
+from gateway.core.compare import Answer, CompareSettings, Comparison, TextMatch, VectorMatch
+from gateway.core.compare import compare as compare_answers
+from gateway.core.extract import Protocol
+from gateway.core.split import bucket_of, threshold
+from gateway.core.stats import ShadowOutcome, ShadowStats, StatsSettings
+from gateway.keys import KeySource
+from gateway.metrics import Metrics
+from gateway.upstream import BackendPool
+
+log = logging.getLogger("gateway.shadow")
+
+SHADOW_HEADER = "X-Gateway-Shadow"
+SAFE_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})
+ALL_METHODS = SAFE_METHODS | {"PUT", "PATCH", "DELETE"}
+# Bodies above this are compared in a worker thread, so a large tensor answer does not
+# hold the event loop (and every client request on it) for tens of milliseconds.
+_COMPARE_INLINE_BYTES = 64 * 1024
+
+
+class BoundedCopy:
+    """A copy of a stream's bytes, abandoned once it would exceed ``limit``."""
+
+    __slots__ = ("_chunks", "_size", "limit", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self.overflowed = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.overflowed:
+            return
+        self._size += len(chunk)
+        if self._size > self.limit:
+            self.overflowed = True
+            self._chunks.clear()
+            return
+        self._chunks.append(chunk)
+
+    def value(self) -> bytes | None:
+        return None if self.overflowed else b"".join(self._chunks)
+
+
+async def tee_stream(source: AsyncIterator[bytes], copy: BoundedCopy) -> AsyncIterator[bytes]:
+    """Pass ``source`` through unchanged while keeping a bounded copy."""
+    async for chunk in source:
+        copy.feed(chunk)
+        yield chunk
+
+
+def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
+    """The body without its content coding; None when it cannot be decoded here."""
+    coding = (content_encoding or "identity").strip().lower()
+    if coding in ("", "identity"):
+        return body
+    try:
+        if coding in ("gzip", "x-gzip"):
+            return zlib.decompress(body, wbits=16 + zlib.MAX_WBITS)
+        if coding == "deflate":
+            try:
+                return zlib.decompress(body)
+            except zlib.error:
+                return zlib.decompress(body, wbits=-zlib.MAX_WBITS)  # raw deflate
+    except zlib.error:
+        return None
+    return None  # br, zstd, ...: not compared rather than compared wrongly
+
+
+def compare_settings(config: ShadowConfig) -> CompareSettings:
+    c = config.compare
+    return CompareSettings(
+        protocol=Protocol(c.protocol),
+        ignore=tuple(c.ignore),
+        abs_tol=c.abs_tol,
+        rel_tol=c.rel_tol,
+        vector_match=VectorMatch(c.vector_match),
+        min_cosine=c.min_cosine,
+        top_k=c.top_k,
+        text_match=TextMatch(c.text_match),
+    )
+
+
+def stats_settings(config: ShadowConfig) -> StatsSettings:
+    r, b = config.report, config.baseline
+    return StatsSettings(
+        max_fields=r.max_fields,
+        latency_window=r.latency_window,
+        last_mismatches=r.last_mismatches,
+        max_value_chars=r.max_value_chars,
+        confidence=b.confidence,
+        min_samples=b.min_samples,
+        min_noise_samples=b.min_noise_samples if b.sample_rate > 0 else 0,
+        min_net_rate=b.min_net_rate,
+    )
+
+
+@dataclass(slots=True)
+class MirroredRequest:
+    request_id: str
+    method: str
+    raw_path: str
+    headers: CIMultiDict[str]
+    body: bytes | None
+
+
+@dataclass(slots=True)
+class ShadowPolicy:
+    """One route's shadow settings and state, built at config load."""
+
+    route: str
+    config: ShadowConfig
+    target: BackendPool
+    champion: BackendPool
+    metrics: Metrics
+    # The route's split key, for sampling: key (the same users are always mirrored).
+    route_key: KeySource | None = None
+    rng: random.Random = field(default_factory=random.Random)
+    stats: ShadowStats = field(init=False)
+    settings: CompareSettings = field(init=False)
+    timeout: aiohttp.ClientTimeout = field(init=False)
+    methods: frozenset[str] = field(init=False)
+    cut: int = field(init=False)
+    in_flight: int = 0
+    _outcomes: dict[ShadowOutcome, Any] = field(init=False)
+    _latency_delta: Any = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.stats = ShadowStats(stats_settings(self.config))
+        self.settings = compare_settings(self.config)
+        seconds = self.config.timeout_seconds or self.target.timeout_seconds
+        # The shadow's timeout bounds the whole call: nobody is waiting on a stream.
+        self.timeout = aiohttp.ClientTimeout(
+            total=seconds, sock_connect=self.target.timeout.sock_connect
+        )
+        self.methods = ALL_METHODS if self.config.allow_side_effects else SAFE_METHODS
+        self.cut = threshold(self.config.sample_rate)
+        self._outcomes = {
+            o: self.metrics.shadow_requests.labels(self.route, o.value) for o in ShadowOutcome
+        }
+        self._latency_delta = self.metrics.shadow_latency_delta.labels(self.route)
+
+    def samples(self, method: str, key: str) -> bool:
+        """Whether this champion-answered request is mirrored."""
+        if self.cut <= 0 or method not in self.methods:
+            return False
+        if self.config.sampling == "key":
+            # A salt of its own: with the split's buckets, the sampled keys would be the
+            # challenger's keys, which are never mirrored.
+            return bucket_of(key, "shadow:") < self.cut
+        return self.rng.random() * 10_000 < self.cut
+
+    def count(self, outcome: ShadowOutcome) -> None:
+        self._outcomes[outcome].inc()
+
+    def fail(self, outcome: ShadowOutcome) -> None:
+        self.stats.record_failure(outcome)
+        self.count(outcome)
+
+
+class ShadowRunner:
+    """Runs shadow calls in the background, bounded per route."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        on_load: Callable[[BackendPool], Callable[[bytes | None], None]] | None = None,
+    ) -> None:
+        self.session = session
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._logs: dict[str, Path] = {}
+        # Lets the trace writer count shadow calls as load on their target.
+        self.on_load = on_load
+
+    @property
+    def tasks_in_flight(self) -> int:
+        return len(self._tasks)
+
+    def submit(
+        self,
+        policy: ShadowPolicy,
+        request: MirroredRequest,
+        champion: Answer,
+        champion_seconds: float,
+    ) -> None:
+        """Start a shadow call for an answered request, or drop it if the route is full."""
+        if policy.in_flight >= policy.config.max_in_flight:
+            policy.fail(ShadowOutcome.DROPPED)
+            return
+        policy.in_flight += 1
+        task = asyncio.create_task(self._run(policy, request, champion, champion_seconds))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _run(
+        self,
+        policy: ShadowPolicy,
+        request: MirroredRequest,
+        champion: Answer,
+        champion_seconds: float,
+    ) -> None:
+        try:
+            try:
+                shadow, shadow_seconds = await self._call(policy, policy.target, request)
+            except TimeoutError:
+                policy.fail(ShadowOutcome.TIMEOUT)
+                return
+            except (aiohttp.ClientError, OSError, ValueError):
+                policy.fail(ShadowOutcome.ERROR)
+                return
+            if shadow is None:  # too large, or a content coding we cannot read
+                policy.fail(ShadowOutcome.DROPPED)
+                return
+            comparison = await self._compare(policy, champion, shadow)
+            delta = shadow_seconds - champion_seconds
+            outcome = policy.stats.record(request.request_id, comparison, delta)
+            policy.count(outcome)
+            policy._latency_delta.observe(delta)
+            if outcome is ShadowOutcome.MISMATCH and policy.config.report.mismatch_log:
+                self._log_mismatch(policy, request.request_id, comparison)
+            if policy.config.baseline.sample_rate > policy.rng.random():
+                await self._noise_sample(policy, request, champion)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a shadow must never take the gateway down
+            log.exception("shadow call for route %s failed unexpectedly", policy.route)
+            policy.fail(ShadowOutcome.ERROR)
+        finally:
+            policy.in_flight -= 1
+
+    async def _noise_sample(
+        self, policy: ShadowPolicy, request: MirroredRequest, champion: Answer
+    ) -> None:
+        """A second champion call: what the champion disagrees with itself about is noise."""
+        try:
+            again, _ = await self._call(policy, policy.champion, request)
+        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+            return
+        if again is not None:
+            policy.stats.record_noise(await self._compare(policy, champion, again))
+
+    async def _call(
+        self, policy: ShadowPolicy, pool: BackendPool, request: MirroredRequest
+    ) -> tuple[Answer | None, float]:
+        endpoint = pool.pick()
+        if endpoint is None:
+            raise aiohttp.ClientConnectionError(f"backend {pool.name} has no healthy endpoint")
+        headers = CIMultiDict(request.headers)
+        headers[SHADOW_HEADER] = "1"
+        done = self.on_load(pool) if self.on_load is not None else None
+        body: bytes | None = None
+        started = time.perf_counter()
+        try:
+            async with self.session.request(
+                request.method,
+                endpoint.url(request.raw_path),
+                headers=headers,
+                data=request.body,
+                timeout=policy.timeout,
+                allow_redirects=False,
+            ) as response:
+                copy = BoundedCopy(policy.config.max_body_bytes)
+                async for chunk in response.content.iter_any():
+                    copy.feed(chunk)
+                    if copy.overflowed:
+                        break
+                seconds = time.perf_counter() - started
+                raw = copy.value()
+                if raw is None:
+                    return None, seconds
+                body = raw
+                decoded = decode_body(raw, response.headers.get("Content-Encoding"))
+                if decoded is None:
+                    return None, seconds
+                content_type = response.headers.get("Content-Type", "")
+                return Answer(response.status, content_type, decoded), seconds
+        finally:
+            if done is not None:
+                done(body)
+
+    async def _compare(self, policy: ShadowPolicy, champion: Answer, shadow: Answer) -> Comparison:
+        if len(champion.body) + len(shadow.body) <= _COMPARE_INLINE_BYTES:
+            return compare_answers(champion, shadow, policy.settings)
+        return await asyncio.to_thread(compare_answers, champion, shadow, policy.settings)
+
+    def _log_mismatch(self, policy: ShadowPolicy, request_id: str, comparison: Comparison) -> None:
+        path = policy.config.report.mismatch_log
+        assert path is not None
+        fields = [
+            {
+                "path": f.path,
+                "reason": f.reason.value,
+                "champion": _jsonable(f.champion),
+                "shadow": _jsonable(f.shadow),
+            }
+            for f in comparison.mismatches[:32]
+        ]
+        line = orjson.dumps(
+            {"ts": time.time(), "route": policy.route, "request_id": request_id, "fields": fields}
+        )
+        try:
+            with open(path, "ab") as handle:
+                handle.write(line + b"\n")
+        except OSError as error:
+            log.warning("cannot append to mismatch log %s: %s", path, error)
+
+
+def _jsonable(value: object) -> object:
+    from gateway.core.stats import render_value
+
+    return render_value(value, 512)  # type: ignore[arg-type]
