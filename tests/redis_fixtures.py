@@ -1,0 +1,127 @@
+"""Real Redis for tests: the shared server on 6379 under a unique key prefix per test, or
+a private ``redis-server`` on a free port for tests that stop it or count its commands.
+
+Test modules import the fixtures they use from here (``from tests.redis_fixtures import
+...``), so they work whatever the shared conftest holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def fast_client(url: str) -> aioredis.Redis:
+    """An async client that gives up quickly, as the gateway's should."""
+    return aioredis.Redis.from_url(
+        url, socket_timeout=1.0, socket_connect_timeout=0.5, retry=Retry(NoBackoff(), 0)
+    )
+
+
+def delete_prefix(url: str, pattern: str) -> None:
+    with redis.Redis.from_url(url) as client:
+        keys = list(client.scan_iter(match=pattern, count=1000))
+        if keys:
+            client.delete(*keys)
+
+
+def wait_for(predicate: object, *, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        if callable(predicate) and predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.02)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private redis-server that a test may stop and start again on the same port."""
+
+    def __init__(self) -> None:
+        self.port = _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _ping(self) -> bool:
+        try:
+            with redis.Redis(port=self.port, socket_connect_timeout=0.2) as c:
+                return bool(c.ping())
+        except redis.RedisError:
+            return False
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        assert exe, "redis-server must be on PATH"
+        self._proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        wait_for(self._ping, timeout=10, what=f"redis-server on port {self.port}")
+
+    def stop(self) -> None:
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait(timeout=10)
+            self._proc = None
+
+    def commands_processed(self) -> int:
+        with redis.Redis(port=self.port) as c:
+            return int(c.info("stats")["total_commands_processed"])
+
+    def command_stats(self) -> dict[str, int]:
+        with redis.Redis(port=self.port) as c:
+            stats = c.info("commandstats")
+        return {name.removeprefix("cmdstat_"): int(v["calls"]) for name, v in stats.items()}
+
+    def reset_stats(self) -> None:
+        with redis.Redis(port=self.port) as c:
+            c.config_resetstat()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_prefix() -> Iterator[str]:
+    """A key prefix nobody else uses on the shared server; its keys are deleted after."""
+    prefix = f"gwtest-{uuid.uuid4().hex[:12]}"
+    yield prefix
+    delete_prefix(SHARED_REDIS_URL, f"{prefix}*")
+
+
+@pytest.fixture
+async def shared_redis() -> AsyncIterator[aioredis.Redis]:
+    client = fast_client(SHARED_REDIS_URL)
+    try:
+        await asyncio.wait_for(client.ping(), 5)
+        yield client
+    finally:
+        await client.aclose()

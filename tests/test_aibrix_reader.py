@@ -1,0 +1,112 @@
+"""AIBrix's own GatewayLoadReader reads what the trace writer wrote.
+
+The reader hard-codes the ``aibrix:`` key prefix, so this test writes under ``aibrix``
+on the shared Redis with a model name nobody else uses, and deletes its keys after.
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from gateway.tracing import TraceWriter
+from tests.aibrix.loader import load_reader_module
+from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix, fast_client
+
+INTERVAL = 10
+T0 = 1_700_000_000  # a window start; the clock is driven, Redis TTLs stay relative
+
+
+@pytest.fixture(scope="module")
+def load_reader(request: pytest.FixtureRequest) -> types.ModuleType:
+    # pytest's cache dir when it is enabled (CI can keep it between runs), else /tmp.
+    cache = getattr(request.config, "cache", None)
+    where = (cache.mkdir("aibrix-wheel") if cache is not None
+             else Path(tempfile.gettempdir()) / "model-gateway-aibrix-wheel")
+    return load_reader_module(where)
+
+
+@pytest.fixture
+def model() -> Iterator[str]:
+    name = f"gwtest-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(SHARED_REDIS_URL, f"aibrix:{name}_request_trace_*")
+
+
+class FakeClock:
+    now = T0 + 1.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def served(w: TraceWriter, clock: FakeClock, model: str, n: int, tokens: tuple[int, int]) -> None:
+    for _ in range(n):
+        h = w.add(model)
+        clock.now += 0.01
+        w.done(h, *tokens)
+
+
+async def test_gateway_load_reader_reads_our_windows(
+    load_reader: types.ModuleType, model: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = fast_client(SHARED_REDIS_URL)
+    clock = FakeClock()
+    w = TraceWriter(client, key_prefix="aibrix", interval_seconds=INTERVAL, ttl_seconds=600,
+                    clock=clock)
+    e1, e2, e3 = T0 + 10, T0 + 20, T0 + 30
+    try:
+        # Window 1: 3 x (100 in, 20 out), 1 x (1000, 1000), one still open at its end.
+        served(w, clock, model, 3, (100, 20))
+        served(w, clock, model, 1, (1000, 1000))
+        straddler = w.add(model)
+        clock.now = e1 + 0.05
+        assert await w.flush()
+        # Window 2: the open one finishes (8, 8); two more arrive and finish (2, 3).
+        w.done(straddler, 8, 8)
+        served(w, clock, model, 2, (2, 3))
+        clock.now = e2 + 0.05
+        assert await w.flush()
+
+        sync = redis.Redis.from_url(SHARED_REDIS_URL)
+        reader = load_reader.GatewayLoadReader(sync, model)
+        with caplog.at_level(logging.WARNING):
+            # First read: the reader scans every window it finds for the model.
+            records, rate = reader.read(e2 + 0.5)
+            assert sorted(records) == sorted([
+                (e1, 66 / 10, 43 / 10, 3),
+                (e1, 100 / 10, 100 / 10, 1),
+                (e2, 30 / 10, 30 / 10, 1),
+                (e2, 10 / 10, 16 / 10, 2),
+            ])
+            assert [r.freq for r in records if r.ts == e1] == [1, 3]  # sorted-key order
+            # Rate is the last window's arrivals (meta_total_reqs) over the interval.
+            assert rate == 2 / INTERVAL
+            assert reader.key_ts_alignment == INTERVAL  # taken from meta_interval_sec
+
+            # Window 3, read the way the GPU optimizer polls: just after the boundary.
+            served(w, clock, model, 4, (64, 128))
+            clock.now = e3 + 0.05
+            assert await w.flush()
+            records, rate = reader.read(e3 + 0.7)
+            assert list(records) == [(e3, 60 / 10, 70 / 10, 4)]
+            assert rate == 4 / INTERVAL
+            assert reader.read(e3 + 5) == ([], 0.0)  # already seen
+
+            # Its private parser agrees on totals and pending for window 1.
+            profile = reader.read_key(f"aibrix:{model}_request_trace_{e1}", False)
+            _, total, pending = reader._parse_profiles(profile, e1)
+            assert (total, pending) == (5, 1)
+        # The reader logs a warning for anything it cannot parse; there must be none.
+        assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+        sync.close()
+    finally:
+        await client.aclose()
+        delete_prefix(SHARED_REDIS_URL, f"aibrix:gateway_trace_write:{w.writer_id}:*")
