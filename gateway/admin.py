@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from gateway.config import ConfigError
 from gateway.metrics import Metrics
 from gateway.runtime import RouteRuntime
+from gateway.tracing import TraceWriter
 
 
 class AdminTarget(Protocol):
@@ -31,7 +32,12 @@ class AdminTarget(Protocol):
     @property
     def status(self) -> str: ...
 
-    async def set_weight(self, route: RouteRuntime, weight: float) -> None: ...
+    @property
+    def tracer(self) -> TraceWriter | None: ...
+
+    async def set_weight(self, route: RouteRuntime, weight: float) -> bool: ...
+
+    async def state_health(self) -> dict[str, Any]: ...
 
     async def reload(self) -> None: ...
 
@@ -147,15 +153,52 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_routes(request: web.Request) -> web.Response:
-    routes = request.app[TARGET].routes
-    return json_response({"routes": [route_view(r) for r in routes.values()]})
+    target = request.app[TARGET]
+    return json_response(
+        {
+            "routes": [route_view(r) for r in target.routes.values()],
+            "state": await target.state_health(),
+        }
+    )
 
 
 async def get_route(request: web.Request) -> web.Response:
     found = _route_or_404(request)
     if isinstance(found, web.Response):
         return found
-    return json_response(route_view(found))
+    return json_response({**route_view(found), "state": await request.app[TARGET].state_health()})
+
+
+async def list_traces(request: web.Request) -> web.Response:
+    tracer = request.app[TARGET].tracer
+    if tracer is None:
+        return json_error(404, "tracing_disabled", "tracing is not enabled")
+    return json_response(
+        {
+            "models": [
+                {"model": m, "pending": tracer.pending(m), "windows": len(tracer.recent(m))}
+                for m in tracer.models()
+            ]
+        }
+    )
+
+
+async def get_traces(request: web.Request) -> web.Response:
+    """The last closed windows of a model, as written (or to be written) to Redis."""
+    tracer = request.app[TARGET].tracer
+    if tracer is None:
+        return json_error(404, "tracing_disabled", "tracing is not enabled")
+    model = request.match_info["model"]
+    if model not in tracer.models():
+        return json_error(404, "unknown_model", f"no traffic traced for model {model!r}")
+    return json_response(
+        {
+            "model": model,
+            "pending": tracer.pending(model),
+            "current": tracer.current(model),
+            "windows": tracer.recent(model),
+        }
+    )
 
 
 async def get_shadow(request: web.Request) -> web.Response:
@@ -189,8 +232,9 @@ async def put_weight(request: web.Request) -> web.Response:
         )
     if found.challenger is None and weight > 0:
         return json_error(409, "no_challenger", f"route {found.name!r} has no challenger")
-    await request.app[TARGET].set_weight(found, float(weight))
-    return json_response(route_view(found))
+    persisted = await request.app[TARGET].set_weight(found, float(weight))
+    # Applied either way: a rollback must work even while the store is down.
+    return json_response({**route_view(found), "persisted": persisted})
 
 
 async def reload(request: web.Request) -> web.Response:
@@ -214,5 +258,7 @@ def build_admin_app(target: AdminTarget, token: str) -> web.Application:
     app.router.add_get("/api/v1/routes/{name}", get_route)
     app.router.add_get("/api/v1/routes/{name}/shadow", get_shadow)
     app.router.add_put("/api/v1/routes/{name}/weight", put_weight)
+    app.router.add_get("/api/v1/traces", list_traces)
+    app.router.add_get("/api/v1/traces/{model}", get_traces)
     app.router.add_post("/api/v1/reload", reload)
     return app

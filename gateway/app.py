@@ -6,20 +6,27 @@ import asyncio
 import logging
 import signal
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import aiohttp
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
+from gateway.core.usage import NO_USAGE, find_usage
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteMatcher, Router
 from gateway.runtime import RouteRuntime, build_route
 from gateway.shadow import ShadowRunner
-from gateway.upstream import build_pools, new_session
+from gateway.store import StateStore, StoreError, open_store
+from gateway.store.redis import default_client as default_redis_client
+from gateway.tracing import TraceWriter
+from gateway.upstream import BackendPool, build_pools, new_session
+from gateway.weights import WeightSync
 
 log = logging.getLogger("gateway")
 
@@ -63,6 +70,10 @@ class Gateway:
         self.routes: dict[str, RouteRuntime] = build_routes(config, self.metrics)
         self._session: aiohttp.ClientSession | None = None
         self.shadow_runner: ShadowRunner | None = None
+        self.store: StateStore | None = None
+        self.weights: WeightSync | None = None
+        self.tracer: TraceWriter | None = None
+        self._trace_redis: aioredis.Redis | None = None
         self._proxy: Proxy | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
@@ -80,9 +91,16 @@ class Gateway:
     def status(self) -> str:
         return self._status
 
-    async def set_weight(self, route: RouteRuntime, weight: float) -> None:
+    async def set_weight(self, route: RouteRuntime, weight: float) -> bool:
+        """Apply at once, then persist; returns whether the store took it."""
         route.set_weight(weight)
         log.info("route %s: challenger weight set to %g", route.name, weight)
+        return await self.weights.save(route) if self.weights is not None else False
+
+    async def state_health(self) -> dict[str, Any]:
+        if self.store is None:
+            return {"backend": self.config.state.backend, "status": "stopped", "detail": ""}
+        return (await self.store.health()).as_dict()
 
     async def reload(self) -> None:
         """Re-read the config file. A bad file raises ConfigError and changes nothing."""
@@ -114,10 +132,59 @@ class Gateway:
 
     # --- lifecycle ----------------------------------------------------------------------
 
+    async def _start_state(self) -> None:
+        state = self.config.state
+        self.store = open_store(
+            state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:"
+        )
+        self.weights = WeightSync(self.store, lambda: self.routes)
+        try:
+            await self.weights.restore()
+        except StoreError as error:
+            # Serving with the file's weights beats not serving: the watcher retries.
+            log.warning("state store unavailable at start, using configured weights: %s", error)
+        self.weights.start()
+
+    def _start_tracing(self) -> None:
+        tracing = self.config.tracing
+        if not tracing.enabled:
+            return
+        url = tracing.redis_url or (
+            self.config.state.redis_url if self.config.state.backend == "redis" else None
+        )
+        self._trace_redis = default_redis_client(url) if url else None
+        writes = {o: self.metrics.trace_writes.labels(o) for o in ("ok", "error", "dropped")}
+        self.tracer = TraceWriter(
+            self._trace_redis,
+            key_prefix=tracing.key_prefix,
+            interval_seconds=tracing.interval_seconds,
+            ttl_seconds=tracing.ttl_seconds,
+            on_write=lambda outcome: writes[outcome].inc(),
+        )
+        self.tracer.start()
+
+    def _shadow_load(self, pool: BackendPool) -> Callable[[bytes | None], None]:
+        """Shadow calls are load on their target: count them into its traces."""
+        tracer = self.tracer
+        if tracer is None:
+            return _ignore
+        handle = tracer.add(pool.model)
+
+        def done(body: bytes | None) -> None:
+            if body is None:
+                tracer.discard(handle)
+                return
+            usage = find_usage(body) or NO_USAGE
+            tracer.done(handle, usage.prompt_tokens, usage.completion_tokens)
+
+        return done
+
     async def start(self) -> None:
         server_cfg = self.config.server
+        await self._start_state()
+        self._start_tracing()
         self._session = new_session()
-        self.shadow_runner = ShadowRunner(self._session)
+        self.shadow_runner = ShadowRunner(self._session, on_load=self._shadow_load)
         self._proxy = Proxy(
             build_router(self.routes),
             self._session,
@@ -125,6 +192,7 @@ class Gateway:
             request_id_header=server_cfg.request_id_header,
             max_body_bytes=server_cfg.max_body_bytes,
             shadow_runner=self.shadow_runner,
+            tracer=self.tracer,
         )
         server = web.Server(self._proxy.handle, access_log=None, handler_cancellation=False)
         self._proxy_runner = web.ServerRunner(
@@ -172,6 +240,16 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self.weights is not None:
+            await self.weights.stop()
+        if self.tracer is not None:
+            # Writes the open window too, so a restart loses no counts.
+            await self.tracer.stop(flush_open=True)
+        if self._trace_redis is not None:
+            await self._trace_redis.aclose()
+            self._trace_redis = None
+        if self.store is not None:
+            await self.store.close()
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
@@ -193,6 +271,10 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _ignore(_: bytes | None) -> None:
+    return None
 
 
 def _bound_port(runner: web.BaseRunner) -> int:

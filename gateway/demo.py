@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import random
 import signal
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -129,12 +131,19 @@ def model_server_app(
 
 
 def demo_config(
-    champion_url: str, challenger_url: str, port: int, admin_port: int, weight: float
+    champion_url: str,
+    challenger_url: str,
+    port: int,
+    admin_port: int,
+    weight: float,
+    state_path: str,
 ) -> config_module.GatewayConfig:
     return config_module.parse(
         {
             "server": {"host": "127.0.0.1", "port": port},
             "admin": {"host": "127.0.0.1", "port": admin_port},
+            # A fresh state file per demo: each run starts from the weights it was given.
+            "state": {"backend": "embedded", "path": state_path},
             "backends": {
                 "sentiment-v1": {"url": champion_url, "timeout_seconds": 10},
                 "sentiment-v2": {"url": challenger_url, "timeout_seconds": 10},
@@ -181,6 +190,7 @@ class Demo:
         self._model_runners: list[web.AppRunner] = []
         self.model_urls: list[str] = []
         self.gateway: Gateway | None = None
+        self._state_dir: tempfile.TemporaryDirectory[str] | None = None
 
     async def start(self) -> None:
         for behaviour in (self.champion, self.challenger):
@@ -191,9 +201,12 @@ class Demo:
             self._model_runners.append(runner)
             host, bound = runner.addresses[0][:2]
             self.model_urls.append(f"http://{host}:{bound}")
+        self._state_dir = tempfile.TemporaryDirectory(prefix="gateway-demo-")
+        state_path = os.path.join(self._state_dir.name, "state.db")
         cfg = demo_config(
-            self.model_urls[0], self.model_urls[1], self.port, self.admin_port, self.weight
-        )
+            self.model_urls[0], self.model_urls[1], self.port, self.admin_port, self.weight,
+            state_path,
+        )  # fmt: skip
         self.gateway = Gateway(cfg)
         await self.gateway.start()
 
@@ -202,6 +215,8 @@ class Demo:
             await self.gateway.stop()
         for runner in self._model_runners:
             await runner.cleanup()
+        if self._state_dir is not None:
+            self._state_dir.cleanup()
 
     def banner(self) -> str:
         assert self.gateway is not None

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from gateway.core.compare import Answer
 from gateway.core.split import Variant, bucket_of, choose, parse_override
 from gateway.core.stats import ShadowOutcome
-from gateway.core.usage import NO_USAGE, UsageSniffer
+from gateway.core.usage import UsageSniffer
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
 from gateway.runtime import RouteRuntime
@@ -174,6 +174,8 @@ class LoadTracer(Protocol):
 
     def done(self, handle: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
 
+    def discard(self, handle: Any) -> None: ...
+
 
 @dataclass(slots=True)
 class Exchange:
@@ -191,6 +193,7 @@ class Exchange:
     request_copy: BoundedCopy | None = None
     answer_copy: BoundedCopy | None = None
     usage: UsageSniffer | None = None
+    answered: bool = False  # the backend sent an answer (its headers at least)
 
 
 class Proxy:
@@ -278,8 +281,11 @@ class Proxy:
         finally:
             exchange.metrics.in_flight.dec()
             if tracer is not None:
-                counts = exchange.usage.usage() if exchange.usage is not None else NO_USAGE
-                tracer.done(trace, counts.prompt_tokens, counts.completion_tokens)
+                if exchange.answered and exchange.usage is not None:
+                    counts = exchange.usage.usage()
+                    tracer.done(trace, counts.prompt_tokens, counts.completion_tokens)
+                else:  # the backend never answered: no tokens to count
+                    tracer.discard(trace)
 
     def _variant(self, route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
         if route.allow_override:
@@ -392,6 +398,7 @@ class Proxy:
 
         Returns the response and whether the whole answer reached the client."""
         request, metrics = exchange.request, exchange.metrics
+        exchange.answered = True
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,

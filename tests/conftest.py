@@ -36,11 +36,17 @@ async def start_app() -> AsyncIterator[StartApp]:
 
 
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[StartGateway]:
-    """Start a gateway from a config document (see ``gateway_document``)."""
+async def start_gateway(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[StartGateway]:
+    """Start a gateway from a config document (see ``gateway_document``).
+
+    Unless the document says otherwise, each gateway gets its own embedded state file, so
+    weights one test sets never leak into another."""
     gateways: list[Gateway] = []
 
     async def start(document: dict[str, Any], **kwargs: Any) -> Gateway:
+        state = document.setdefault("state", {})
+        if state.get("backend", "embedded") == "embedded" and "path" not in state:
+            state["path"] = str(tmp_path_factory.mktemp("state") / "gateway-state.db")
         gateway = Gateway(config_module.parse(document, environ={}), **kwargs)
         await gateway.start()
         gateways.append(gateway)

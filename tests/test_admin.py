@@ -320,12 +320,16 @@ async def test_route_views(
         listing = await json_of(r)
     assert isinstance(listing, dict) and isinstance(listing["routes"], list)
     assert [route["name"] for route in listing["routes"]] == ["model", "solo"]
+    assert listing["state"]["backend"] == "embedded"
+    assert listing["state"]["status"] == "ok"
     assert_contains(listing["routes"][0], MODEL_VIEW)
     assert_contains(listing["routes"][1], SOLO_VIEW)
     for name, expected in (("model", MODEL_VIEW), ("solo", SOLO_VIEW)):
         async with http.get(admin_url(gateway, f"/api/v1/routes/{name}")) as r:
             assert r.status == 200
             view = await json_of(r)
+        # The single view adds the state store's health to the listing's entry.
+        assert view.pop("state")["status"] == "ok"
         assert view == listing["routes"][[route["name"] for route in listing["routes"]].index(name)]
         assert_contains(view, expected)
 

@@ -109,6 +109,7 @@ async def test_sigterm_stops_accepting_new_connections(start_app: StartApp, tmp_
         [{"name": "s", "match": {"path_prefix": "/"}, "champion": "one"}],
         server={"port": port},
         admin={"port": admin_port},
+        state={"path": str(tmp_path / "state.db")},
     )
     config = tmp_path / "gateway.yaml"
     config.write_text(yaml.safe_dump(document))
