@@ -37,7 +37,9 @@ class ModelBehaviour:
 
 def _scores(text: str, bias: float) -> list[float]:
     digest = hashlib.sha256(text.encode()).digest()
-    positive = min(1.0, max(0.0, digest[0] / 255 + bias))
+    # The challenger disagrees on about a third of the inputs, not on all of them.
+    shift = bias if digest[1] % 3 == 0 else 0.0
+    positive = min(1.0, max(0.0, digest[0] / 255 + shift))
     return [round(1.0 - positive, 4), round(positive, 4)]
 
 
@@ -155,6 +157,21 @@ def demo_config(
                     "champion": "sentiment-v1",
                     "challenger": "sentiment-v2",
                     "split": {"challenger_weight": weight},
+                    # Mirror half of the champion's traffic to the challenger and compare:
+                    # its small score shift shows up in /api/v1/routes/sentiment/shadow.
+                    "shadow": {
+                        "sample_rate": 0.5,
+                        "compare": {
+                            "protocol": "tfserving",
+                            "abs_tol": 0.01,
+                            "ignore": ["$.model_version"],
+                        },
+                        "baseline": {
+                            "sample_rate": 0.5,
+                            "min_samples": 10,
+                            "min_noise_samples": 5,
+                        },
+                    },
                 },
                 {
                     "name": "chat",
@@ -162,6 +179,7 @@ def demo_config(
                     "champion": "sentiment-v1",
                     "challenger": "sentiment-v2",
                     "split": {"challenger_weight": weight, "key": "header:X-User-ID"},
+                    "shadow": {"sample_rate": 1.0, "compare": {"protocol": "openai"}},
                 },
             ],
         },
@@ -235,6 +253,7 @@ class Demo:
                 '-d \'{"instances": ["I love this"]}\'',
                 f"  curl -sN {gw}/v1/chat/completions -H 'X-User-ID: alice' "
                 '-d \'{"messages": [{"role": "user", "content": "hello"}], "stream": true}\'',
+                f"  curl -s {admin}/api/v1/routes/sentiment/shadow   # champion vs challenger",
                 f"  gateway status --admin {admin}",
                 f"  gateway weight sentiment 0.5 --admin {admin}",
             ]
