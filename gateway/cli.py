@@ -53,7 +53,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except ConfigError as error:
         _print_config_error(error)
         return 1
-    gateway = Gateway(config, args.config)
+    workers = args.workers or config.server.workers
+    if workers > 1 and not args.worker:
+        from gateway.workers import supervise
+
+        return supervise(args.config, workers, ["--log-level", args.log_level])
+    gateway = Gateway(config, args.config, reuse_port=args.worker)
     try:
         run_async(gateway.serve_until_signalled())
     except OSError as error:
@@ -130,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = commands.add_parser("run", help="run the gateway")
     run.add_argument("-c", "--config", required=True, help="YAML config file")
+    run.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: server.workers)"
+    )
+    # Set by the supervisor on the processes it starts.
+    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="validate a config file")

@@ -7,7 +7,16 @@ once per route and variant, so recording a request is a few attribute lookups.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
 from prometheus_client.metrics import MetricWrapperBase
 
 from gateway.core.split import Variant
@@ -74,14 +83,14 @@ class Metrics:
             "Share of traffic the challenger gets.",
             ["route"],
             registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
         )
         self.canary_state = Gauge(
             "gateway_canary_state",
             "1 on the canary's current state, 0 on the others.",
             ["route", "state"],
             registry=r,
-            multiprocess_mode="mostrecent",
+            multiprocess_mode="livemostrecent",
         )
         self.canary_decisions = Counter(
             "gateway_canary_decisions_total",
@@ -104,7 +113,17 @@ class Metrics:
         return RouteMetrics(self, NO_ROUTE, None)
 
     def render(self) -> bytes:
+        if multiprocess_dir() is not None:
+            # Under --workers each process writes its values to files; any worker
+            # answers a scrape with the sum over all of them.
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
         return generate_latest(self.registry)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
 class RouteMetrics:

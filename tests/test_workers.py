@@ -1,0 +1,106 @@
+"""``gateway run --workers 2``: both workers serve, metrics add up across them."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.app import free_port
+from tests.conftest import StartApp
+from tests.support import gateway_document
+
+
+def named_app(name: str) -> web.Application:
+    async def handle(request: web.Request) -> web.Response:
+        return web.json_response({"backend": name})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def requests_total(text: str) -> dict[tuple[str, str, str], float]:
+    counts: dict[tuple[str, str, str], float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "gateway_requests":
+            for sample in family.samples:
+                if sample.name == "gateway_requests_total":
+                    labels = sample.labels
+                    counts[(labels["route"], labels["variant"], labels["code"])] = sample.value
+    return counts
+
+
+@pytest.mark.timeout(60)
+async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_path: Path) -> None:
+    one, two = await start_app(named_app("one")), await start_app(named_app("two"))
+    port, admin_port = free_port(), free_port()
+    document = gateway_document(
+        {"one": {"url": one}, "two": {"url": two}},
+        [{"name": "r", "match": {"path_prefix": "/"}, "champion": "one", "challenger": "two"}],
+        server={"port": port},
+        admin={"port": admin_port},
+        state={"path": str(tmp_path / "state.db")},
+        tracing={"enabled": False},
+    )
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump(document))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "gateway.cli", "run", "-c", str(config), "--workers", "2",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    proxy, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
+    try:
+        # A fresh connection per request, so the kernel spreads them over both workers.
+        connector = aiohttp.TCPConnector(force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            deadline = time.monotonic() + 20
+            ready = 0
+            while ready < 10:  # ten answers in a row: both workers are up
+                assert time.monotonic() < deadline, "workers did not come up"
+                try:
+                    async with session.get(f"{admin}/readyz") as response:
+                        ready = ready + 1 if response.status == 200 else 0
+                except aiohttp.ClientConnectionError:
+                    ready = 0
+                    await asyncio.sleep(0.1)
+
+            for i in range(200):
+                async with session.post(f"{proxy}/p", headers={"X-Request-ID": f"w-{i}"}) as r:
+                    assert r.status == 200
+                    assert (await r.json())["backend"] == "one"
+            # Every scrape, whichever worker answers it, sees all 200.
+            for _ in range(6):
+                async with session.get(f"{admin}/metrics") as response:
+                    counts = requests_total(await response.text())
+                assert counts == {("r", "champion", "200"): 200.0}
+
+            # A weight set through one worker reaches the other through the state store.
+            async with session.put(
+                f"{admin}/api/v1/routes/r/weight", json={"challenger_weight": 1.0}
+            ) as response:
+                assert response.status == 200
+            deadline = time.monotonic() + 5
+            streak = 0
+            while streak < 20:
+                assert time.monotonic() < deadline, "the other worker never saw the weight"
+                async with session.post(f"{proxy}/p") as r:
+                    streak = streak + 1 if (await r.json())["backend"] == "two" else 0
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), timeout=20)
+        output = (await process.stdout.read()).decode() if process.stdout else ""
+        assert code == 0, output
+        assert "Traceback" not in output
+        assert output.count("gateway listening") == 2, output
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
