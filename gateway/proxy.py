@@ -268,7 +268,11 @@ class Proxy:
             and self.shadow_runner is not None
             and policy.samples(request.method, self._shadow_key(policy, request, request_id))
         ):
-            exchange.mirror = policy
+            if policy.in_flight >= policy.config.max_in_flight:
+                # No room now; copying bodies for a sample that will be dropped is waste.
+                policy.fail(ShadowOutcome.DROPPED)
+            else:
+                exchange.mirror = policy
 
         # 4-5. Forward and record.
         tracer = self.tracer

@@ -244,6 +244,11 @@ class ShadowRunner:
             if shadow is None:  # too large, or a content coding we cannot read
                 policy.fail(ShadowOutcome.DROPPED)
                 return
+            if shadow.status >= 500 and champion.status < 500:
+                # The shadow failed; that is not a model disagreeing. (Both failing is
+                # compared; a 4xx is an answer, so it stays a mismatch.)
+                policy.fail(ShadowOutcome.ERROR)
+                return
             comparison = await self._compare(policy, champion, shadow)
             delta = shadow_seconds - champion_seconds
             outcome = policy.stats.record(request.request_id, comparison, delta)

@@ -11,9 +11,11 @@ Decisions, per kind of field:
 
 - **numbers**: match iff ``|a - b| <= max(abs_tol, rel_tol * max(|a|, |b|))``, exactly
   :func:`math.isclose` (symmetric, ``<=`` so a difference of exactly the tolerance
-  matches). Relative tolerance alone never matches anything against 0: use ``abs_tol``
-  for outputs that can be 0. NaN matches NaN (the models agree that the output is
-  undefined, and ``compare(x, x)`` must match), ``inf`` matches only the same ``inf``.
+  matches). Two JSON integers (class IDs, token counts, timestamps) match only within
+  ``abs_tol``: no relative tolerance. Relative tolerance alone never matches anything
+  against 0: use ``abs_tol`` for outputs that can be 0. NaN matches NaN (the models
+  agree that the output is undefined, and ``compare(x, x)`` must match), ``inf`` matches
+  only the same ``inf``.
 - **vectors** (:class:`Tensor`): shapes must be equal and non-finite entries must sit at
   the same places with the same values; then ``vector_match`` decides: ``tolerance``
   (every element as a number), ``argmax`` (same argmax in every row of the last axis),
@@ -33,7 +35,6 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from fractions import Fraction
 
 from gateway.core.extract import (
     Extracted,
@@ -262,15 +263,11 @@ def numbers_close(a: float, b: float, abs_tol: float, rel_tol: float) -> bool:
 
 
 def _integers_close(a: int, b: int, abs_tol: float, rel_tol: float) -> bool:
-    # math.isclose would round both to floats: 10**17 and 10**17 + 1 would be "equal".
-    # Python compares an int with a float exactly, so only the bound is a float.
-    if rel_tol == 0.0:
-        return abs(a - b) <= abs_tol
-    try:
-        bound = max(abs_tol, rel_tol * max(abs(a), abs(b)))
-    except OverflowError:  # beyond float range: exact rational arithmetic instead
-        return abs(a - b) <= max(Fraction(abs_tol), Fraction(rel_tol) * max(abs(a), abs(b)))
-    return abs(a - b) <= bound
+    # Integers in model answers are class IDs, token IDs and counts, timestamps: a
+    # relative tolerance would call label 123456789 "close" to 123456780, or two
+    # timestamps hours apart equal. Only the absolute tolerance applies to them.
+    # (Python compares an int with a float exactly, so no rounding happens here.)
+    return abs(a - b) <= abs_tol
 
 
 def _errors(a: float, b: float) -> tuple[float | None, float | None]:
