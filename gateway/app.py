@@ -122,8 +122,9 @@ class Gateway:
                 route.set_weight(previous.weight)
         for name in set(self.routes) - set(routes):
             self.metrics.challenger_weight.remove(name)
-        if new_config.server != old_config.server or new_config.admin != old_config.admin:
-            log.warning("reload: changes to 'server' and 'admin' take effect after a restart")
+        for section in ("server", "admin", "state", "tracing"):
+            if getattr(new_config, section) != getattr(old_config, section):
+                log.warning("reload: changes to %r take effect after a restart", section)
         self.routes = routes
         self.config = new_config
         if self._proxy is not None:

@@ -69,6 +69,11 @@ class WeightSync:
             route = routes.get(name)
             if route is None:
                 continue
+            if entry.value.get("config_weight") != route.config.split.challenger_weight:
+                # The file's weight changed since this was stored: the file won, and the
+                # record must not come back if the file is later reverted.
+                await self.store.delete(entry.key)
+                continue
             weight = stored_weight(route, entry.value)
             if weight is not None and weight != route.weight:
                 route.set_weight(weight)
