@@ -30,5 +30,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy gateway
 
+## bench: the benchmark harness (see bench/README.md; wrk and nginx are optional)
+bench: $(STAMP)
+	$(BIN)/python -m bench.run
+
 clean:
 	rm -rf $(VENV) *.egg-info .pytest_cache .mypy_cache .ruff_cache

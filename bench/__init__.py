@@ -1,0 +1,1 @@
+"""Benchmark harness: the gateway against a minimal aiohttp proxy and nginx (see README)."""

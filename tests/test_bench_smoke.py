@@ -1,0 +1,75 @@
+"""The benchmark harness still runs end to end (it is not a benchmark: figures unchecked).
+
+One feature set, one round, one-second cells. Works without wrk or nginx: the harness
+falls back to its Python upstream and client, and the second test forces that path so it
+stays working on machines that have both.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    out = tmp_path / "bench.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.run",
+        "--rounds=1",
+        "--warmup=0",
+        # Never wait on or repeat runs for other processes: figures are not checked here.
+        "--quiet-wait=0",
+        "--retries=0",
+        f"--json={out}",
+        *args,
+    ]
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "| target |" in done.stdout
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def assert_served(result: dict[str, Any], names: list[str]) -> None:
+    assert sorted(result["summaries"]) == sorted(names)
+    for name in names:
+        summary = result["summaries"][name]
+        assert summary["rps"] > 0, name
+        assert summary["errors"] == 0, name
+        assert summary["non_2xx"] == 0, name
+
+
+@pytest.mark.timeout(60)
+def test_harness_runs_with_the_tools_at_hand(tmp_path: Path) -> None:
+    """wrk and nginx when installed, the fallbacks otherwise."""
+    result = run_bench(tmp_path, "--only=upstream,plain", "--duration=1", "--latency-duration=1")
+    assert_served(result, ["upstream", "plain"])
+    plain = result["summaries"]["plain"]
+    assert plain["added_p50_us"] is not None
+    assert plain["single_p50_us"] > 0
+
+
+@pytest.mark.timeout(60)
+def test_harness_runs_on_its_fallbacks(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path,
+        "--only=baseline",
+        "--loadgen=python",
+        "--upstream=python",
+        "--duration=0.5",
+        "--latency-duration=0",
+    )
+    assert_served(result, ["baseline"])
+    assert result["meta"]["comparable"] is False
+    assert result["meta"]["upstream"] == "python"
