@@ -321,9 +321,11 @@ async def test_never_answering_shadow_does_not_slow_clients_and_stays_bounded(
     )
     # Everything shares one event loop here, so loopback latencies are a few ms and their
     # p99 jitters by a millisecond or two from scheduling alone; 20 % of that is below the
-    # noise. The floor of 5 ms is still a tenth of what a shadow on the response path
-    # would add: the black hole holds every call for the 0.5 s shadow timeout.
-    assert p99_shadow <= max(1.2 * p99_plain, p99_plain + 0.005), (p99_plain, p99_shadow)
+    # noise, and in a full test run on 2 busy cores a stray collection or a neighbour's
+    # burst moves it by several ms more. The floor of 10 ms is still a fiftieth of what a
+    # shadow on the response path would add: the black hole holds every call for the
+    # 0.5 s shadow timeout.
+    assert p99_shadow <= max(1.2 * p99_plain, p99_plain + 0.010), (p99_plain, p99_shadow)
 
     # Bounded: never more shadow calls than max_in_flight, no growth of tasks or memory.
     assert 1 <= peaks["runner_tasks"] <= 8

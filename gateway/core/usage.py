@@ -55,12 +55,30 @@ class UsageSniffer:
     def usage(self) -> Usage:
         head = b"".join(self._head)
         if not self._tail:
+            if head[:1] == b"{":
+                # Most answers are one small JSON object: one parse beats a scan.
+                found = _usage_of_document(head)
+                if found is not None:
+                    return found
             return find_usage(head) or NO_USAGE
         tail = b"".join(self._tail)
         if not self._dropped:
             # head + tail is the whole answer: a usage object split between them counts.
             return find_usage(head + tail) or NO_USAGE
         return find_usage(tail) or find_usage(head) or NO_USAGE
+
+
+def _usage_of_document(data: bytes) -> Usage | None:
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(document, dict):
+        return None
+    usage = document.get("usage")
+    if not isinstance(usage, dict):
+        return NO_USAGE
+    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
 
 
 def find_usage(data: bytes) -> Usage | None:
