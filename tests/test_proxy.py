@@ -402,3 +402,33 @@ async def test_expect_100_continue_is_answered_at_once(
     assert body["body_sha256"] == hashlib.sha256(payload).hexdigest()
     assert "expect" not in {k.lower() for k in body["headers"]}
     assert time.monotonic() - started < 0.9  # curl would have waited 1 s without it
+
+
+async def test_upstream_gets_exactly_the_client_headers_plus_forwarding_ones(
+    start_app: StartApp, start_gateway: StartGateway
+) -> None:
+    seen: list[tuple[str, str]] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        seen.extend(
+            request.raw_headers and [(k.decode(), v.decode()) for k, v in request.raw_headers]
+        )
+        return web.Response(body=b"ok")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    gateway = await start_gateway(single_backend(await start_app(app)))
+    # A raw request, so no client library adds headers of its own.
+    reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+    writer.write(b"POST /p HTTP/1.1\r\nHost: gw\r\nX-Custom: 1\r\nContent-Length: 2\r\n\r\n{}")
+    await writer.drain()
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    writer.close()
+    assert head.startswith(b"HTTP/1.1 200")
+    names = {name.lower() for name, _ in seen}
+    # No Accept, Accept-Encoding, User-Agent or Content-Type invented on the way.
+    assert names == {
+        "host", "x-custom", "content-length", "x-request-id",
+        "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+    }  # fmt: skip
+    assert dict(seen)["X-Forwarded-Host"] == "gw"
