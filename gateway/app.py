@@ -18,6 +18,7 @@ from aiohttp import web
 from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
 from gateway.core.usage import NO_USAGE, find_usage
+from gateway.h1 import UpstreamClient
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
 from gateway.routing import RouteMatcher, Router
@@ -69,7 +70,8 @@ class Gateway:
         self.metrics = metrics if metrics is not None else Metrics()
         self.reuse_port = reuse_port
         self.routes: dict[str, RouteRuntime] = build_routes(config, self.metrics)
-        self._session: aiohttp.ClientSession | None = None
+        self._session: aiohttp.ClientSession | None = None  # shadow calls
+        self._upstream: UpstreamClient | None = None  # the proxy's own calls
         self.shadow_runner: ShadowRunner | None = None
         self.store: StateStore | None = None
         self.weights: WeightSync | None = None
@@ -187,9 +189,10 @@ class Gateway:
         self._start_tracing()
         self._session = new_session()
         self.shadow_runner = ShadowRunner(self._session, on_load=self._shadow_load)
+        self._upstream = UpstreamClient()
         self._proxy = Proxy(
             build_router(self.routes),
-            self._session,
+            self._upstream,
             self.metrics.unrouted(),
             request_id_header=server_cfg.request_id_header,
             max_body_bytes=server_cfg.max_body_bytes,
@@ -242,6 +245,9 @@ class Gateway:
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._upstream is not None:
+            await self._upstream.close()
+            self._upstream = None
         if self.weights is not None:
             await self.weights.stop()
         if self.tracer is not None:

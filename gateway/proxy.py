@@ -8,19 +8,20 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import aiohttp
 import orjson
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from gateway.core.compare import Answer
 from gateway.core.split import Variant, bucket_of, choose, parse_override
 from gateway.core.stats import ShadowOutcome
 from gateway.core.usage import UsageSniffer
+from gateway.h1 import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
 from gateway.runtime import RouteRuntime
@@ -51,7 +52,14 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Not hop-by-hop, but the gateway sets them itself on the upstream request.
-_NOT_COPIED_UPSTREAM = HOP_BY_HOP | {"host", "expect", "x-forwarded-proto", "x-forwarded-host"}
+_NOT_COPIED_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
 _READ_CHUNK = 64 * 1024
 _INLINE_BODY_BYTES = 64 * 1024
 
@@ -96,9 +104,8 @@ def error_response(
     )
 
 
-def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
-    """Header names the sender marked hop-by-hop through its ``Connection`` header."""
-    values = headers.getall("Connection", ())
+def connection_listed(values: Iterable[str]) -> frozenset[str]:
+    """Header names the sender marked hop-by-hop through its ``Connection`` header(s)."""
     if not values:
         return frozenset()
     names = {token.strip().lower() for value in values for token in value.split(",")}
@@ -110,26 +117,29 @@ def connection_listed(headers: CIMultiDictProxy[str]) -> frozenset[str]:
 
 def upstream_request_headers(
     request: web.BaseRequest, request_id_header: str, request_id: str
-) -> CIMultiDict[str]:
+) -> list[tuple[str, str]]:
+    """The headers sent upstream: the client's, less hop-by-hop ones and framing (the
+    upstream client writes Host, Content-Length or Transfer-Encoding itself)."""
     incoming = request.headers
-    extra = connection_listed(incoming)
-    headers: CIMultiDict[str] = CIMultiDict()
+    extra = connection_listed(incoming.getall("Connection", ()))
+    lowered_id = request_id_header.lower()
+    headers: list[tuple[str, str]] = []
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _NOT_COPIED_UPSTREAM or (extra and lower in extra):
+        if lower in _NOT_COPIED_UPSTREAM or lower == lowered_id or (extra and lower in extra):
             continue
-        headers.add(name, value)
-    headers[request_id_header] = request_id
+        headers.append((name, value))
     peer = request.remote or ""
     prior = incoming.get("X-Forwarded-For")
-    headers["X-Forwarded-For"] = f"{prior}, {peer}" if prior else peer
-    headers["X-Forwarded-Proto"] = request.scheme
-    headers["X-Forwarded-Host"] = incoming.get("Host", "")
+    headers.append((request_id_header, request_id))
+    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    headers.append(("X-Forwarded-Host", incoming.get("Host", "")))
     return headers
 
 
 def copy_response_headers(
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     headers: CIMultiDict[str],
     request_id_header: str,
     request_id: str,
@@ -137,8 +147,8 @@ def copy_response_headers(
 ) -> None:
     """Fill the client response's own headers (no intermediate copy)."""
     incoming = upstream.headers
-    extra = connection_listed(incoming)
-    for name, value in incoming.items():
+    extra = connection_listed([v for k, v in incoming if k.lower() == "connection"])
+    for name, value in incoming:
         lower = name.lower()
         if lower in HOP_BY_HOP or (extra and lower in extra):
             continue
@@ -211,7 +221,7 @@ class Proxy:
     def __init__(
         self,
         router: Router[RouteRuntime],
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         unrouted_metrics: RouteMetrics,
         *,
         request_id_header: str = "X-Request-ID",
@@ -221,7 +231,7 @@ class Proxy:
         tracer: LoadTracer | None = None,
     ) -> None:
         self.router = router
-        self.session = session
+        self.client = client
         self.unrouted = unrouted_metrics
         self.request_id_header = request_id_header
         self.max_body_bytes = max_body_bytes
@@ -317,41 +327,41 @@ class Proxy:
             return request_id
         return policy.route_key.extract(request, request_id)
 
-    def _request_data(
-        self, exchange: Exchange
-    ) -> bytes | aiohttp.StreamReader | AsyncIterator[bytes] | GatewayError | None:
-        """What to send upstream as the body, copying it for the shadow when mirrored."""
+    def _request_body(self, exchange: Exchange) -> tuple[BodySource, int | None] | GatewayError:
+        """What to send upstream as the body (and its length when known), copying it for
+        the shadow when the request is mirrored."""
         request = exchange.request
         mirror = exchange.mirror
         if exchange.body is not None:
-            return exchange.body
+            return exchange.body, len(exchange.body)
         if not request.body_exists:
-            return None
+            return None, None
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             return BODY_TOO_LARGE
+        content = request.content
+        if length is not None and length <= _INLINE_BODY_BYTES and content.is_eof():
+            # Small and fully received (the usual JSON inference call): sent with the
+            # request head in one write.
+            body = content.read_nowait(-1)
+            if mirror is not None:
+                exchange.body = body
+            return body, length
+        # A declared length is enforced by the HTTP parser; only a chunked body needs
+        # counting on the way through.
+        source: AsyncIterator[bytes] = (
+            content.iter_any()
+            if length is not None
+            else limited_stream(content, self.max_body_bytes)
+        )
         if mirror is not None:
             if length is not None and length > mirror.config.max_body_bytes:
                 mirror.fail(ShadowOutcome.DROPPED)
                 exchange.mirror = None
             else:
                 copy = exchange.request_copy = BoundedCopy(mirror.config.max_body_bytes)
-                source = (
-                    request.content.iter_any()
-                    if length is not None
-                    else limited_stream(request.content, self.max_body_bytes)
-                )
-                return tee_stream(source, copy)
-        # A declared length is enforced by the HTTP parser; only a chunked body
-        # needs counting on the way through.
-        if length is not None:
-            content = request.content
-            if length <= _INLINE_BODY_BYTES and content.is_eof():
-                # Small and fully received (the usual JSON inference call): handing aiohttp
-                # bytes lets it send head and body in one write, with no streaming task.
-                return content.read_nowait(-1)
-            return content
-        return limited_stream(request.content, self.max_body_bytes)
+                source = tee_stream(source, copy)
+        return source, length
 
     async def _forward(self, exchange: Exchange) -> web.StreamResponse:
         pool, metrics = exchange.pool, exchange.metrics
@@ -363,22 +373,24 @@ class Proxy:
                 metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
                 request_id, started,
             )  # fmt: skip
-        data = self._request_data(exchange)
-        if isinstance(data, GatewayError):
+        body = self._request_body(exchange)
+        if isinstance(body, GatewayError):
             return self._too_large(metrics, request_id, started)
+        data, length = body
 
         headers = upstream_request_headers(request, self.request_id_header, request_id)
         endpoint.active += 1
         try:
             try:
-                upstream = await self.session.request(
+                upstream = await self.client.request(
+                    endpoint.origin,
                     request.method,
-                    endpoint.url(request.raw_path),
-                    headers=headers,
-                    data=data,
-                    timeout=pool.timeout,
-                    allow_redirects=False,
-                    compress=None,
+                    endpoint.target(request.raw_path),
+                    headers,
+                    data,
+                    content_length=length,
+                    connect_timeout=pool.connect_timeout_seconds,
+                    read_timeout=pool.timeout_seconds,
                 )
             except BodyTooLarge:
                 return self._too_large(metrics, request_id, started)
@@ -389,17 +401,13 @@ class Proxy:
                     f"backend {pool.name} did not answer within {pool.timeout_seconds:g}s",
                     request_id, started,
                 )  # fmt: skip
-            except (aiohttp.ClientError, OSError, ValueError) as error:
-                # OSError and ValueError: a socket error aiohttp did not wrap, or a URL
-                # it refused; the client still gets a JSON 502, and it is counted.
-                if isinstance(error.__cause__, BodyTooLarge):
-                    return self._too_large(metrics, request_id, started)
+            except (UpstreamError, OSError) as error:
                 pool.failed(endpoint)
-                metrics.upstream_error("connect" if _is_connect_error(error) else "protocol")
+                reason = error.reason if isinstance(error, UpstreamError) else "connect"
+                metrics.upstream_error(reason)
                 return self._fail(
                     metrics, UPSTREAM_UNAVAILABLE,
-                    f"backend {pool.name} is unavailable: {type(error).__name__}",
-                    request_id, started,
+                    f"backend {pool.name} is unavailable: {error}", request_id, started,
                 )  # fmt: skip
             pool.succeeded(endpoint)
             response, complete = await self._relay(exchange, upstream)
@@ -410,7 +418,7 @@ class Proxy:
         return response
 
     async def _relay(
-        self, exchange: Exchange, upstream: aiohttp.ClientResponse
+        self, exchange: Exchange, upstream: UpstreamResponse
     ) -> tuple[web.StreamResponse, bool]:
         """Stream the upstream answer to the client chunk by chunk as it arrives.
 
@@ -433,10 +441,10 @@ class Proxy:
         try:
             await response.prepare(request)
             if usage is None and copy is None:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.chunks():
                     await response.write(chunk)
             else:
-                async for chunk in upstream.content.iter_any():
+                async for chunk in upstream.chunks():
                     await response.write(chunk)
                     if usage is not None:
                         usage.feed(chunk)
@@ -450,7 +458,7 @@ class Proxy:
             metrics.upstream_error("timeout")
             _abort(request)
             upstream.close()
-        except aiohttp.ClientPayloadError:
+        except UpstreamError:
             metrics.upstream_error("stream_reset")
             _abort(request)
             upstream.close()
@@ -465,8 +473,8 @@ class Proxy:
     def _submit_shadow(
         self,
         exchange: Exchange,
-        upstream: aiohttp.ClientResponse,
-        headers: CIMultiDict[str],
+        upstream: UpstreamResponse,
+        headers: list[tuple[str, str]],
     ) -> None:
         policy = exchange.mirror
         assert policy is not None and self.shadow_runner is not None
@@ -478,9 +486,7 @@ class Proxy:
                 return
         answer = exchange.answer_copy.value() if exchange.answer_copy is not None else None
         decoded = (
-            decode_body(answer, upstream.headers.get("Content-Encoding"))
-            if answer is not None
-            else None
+            decode_body(answer, upstream.header("Content-Encoding")) if answer is not None else None
         )
         if decoded is None:
             policy.fail(ShadowOutcome.DROPPED)
@@ -489,9 +495,13 @@ class Proxy:
         self.shadow_runner.submit(
             policy,
             MirroredRequest(
-                exchange.request_id, request.method, request.raw_path, headers, request_body
+                exchange.request_id,
+                request.method,
+                request.raw_path,
+                CIMultiDict(headers),
+                request_body,
             ),
-            Answer(upstream.status, upstream.headers.get("Content-Type", ""), decoded),
+            Answer(upstream.status, upstream.header("Content-Type") or "", decoded),
             time.perf_counter() - exchange.started,
         )
 

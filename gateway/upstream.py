@@ -16,6 +16,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import BackendConfig
+from gateway.h1 import Origin
 
 # An endpoint that fails to connect this many times in a row is taken out of rotation
 # for EJECTION_SECONDS (Envoy's consecutive_gateway_failure, simplified).
@@ -26,12 +27,23 @@ EJECTION_SECONDS = 10.0
 @dataclass(slots=True)
 class Endpoint:
     base: str
+    origin: Origin = field(init=False)
+    # The base URL's own path ("" or e.g. "/serving"), prefixed to every request target.
+    base_path: str = field(init=False)
     active: int = 0
     consecutive_failures: int = 0
     ejected_until: float = 0.0
 
+    def __post_init__(self) -> None:
+        url = URL(self.base)
+        self.origin = Origin.parse(url.scheme, url.raw_host or "", url.explicit_port)
+        self.base_path = url.raw_path.rstrip("/")
+
+    def target(self, raw_path: str) -> str:
+        """The request target: raw_path is kept byte-exact, as the client encoded it."""
+        return self.base_path + raw_path
+
     def url(self, raw_path: str) -> URL:
-        # raw_path is already percent-encoded as the client sent it: keep it byte-exact.
         return URL(self.base + raw_path, encoded=True)
 
 
@@ -43,6 +55,7 @@ class BackendPool:
     strategy: str
     timeout: aiohttp.ClientTimeout
     timeout_seconds: float
+    connect_timeout_seconds: float
     clock: Callable[[], float] = time.monotonic
     _next: int = field(default=0)
 
@@ -63,6 +76,7 @@ class BackendPool:
                 sock_read=config.timeout_seconds,
             ),
             timeout_seconds=config.timeout_seconds,
+            connect_timeout_seconds=config.connect_timeout_seconds,
             clock=clock,
         )
 

@@ -1,0 +1,505 @@
+"""A lean HTTP/1.1 client for the proxy's upstream calls.
+
+aiohttp's ``ClientSession`` is a general client: per request it builds a request object,
+a payload wrapper, a writer task, timers and trace hooks, and copies headers several
+times. A reverse proxy needs much less: write one request head (and the body) on a
+pooled keep-alive connection, parse the answer with a C parser (httptools, llhttp), and
+hand the body on chunk by chunk. Under load that halves what the upstream side of a
+request costs, which is most of what the gateway adds over a bare proxy.
+
+What it keeps from a full client: connection pooling with idle expiry, one transparent
+retry when a reused keep-alive connection turns out to be closed (only for bodies that
+can be sent again), read timeouts that bound the wait for the head and every gap between
+body chunks, back-pressure both ways, chunked request bodies, TLS, and 1xx answers
+skipped. What it leaves out on purpose: redirects, cookies, decompression, proxies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+from collections import deque
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass
+from typing import cast
+
+import httptools
+
+# Pause reading from the backend while this much answer is buffered and not yet sent
+# on to the client; resume below the low mark.
+HIGH_WATER = 256 * 1024
+LOW_WATER = 64 * 1024
+IDLE_SECONDS = 30.0
+MAX_IDLE_PER_ENDPOINT = 1024
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+
+class UpstreamError(Exception):
+    """The backend could not be reached or broke the exchange.
+
+    ``reason`` is ``connect`` (no connection, or closed before any answer) or
+    ``protocol`` (an answer that is not valid HTTP/1.1)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class UpstreamTimeout(TimeoutError):
+    """No head, or no next body chunk, within the read timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where an endpoint's connections go, parsed once at config load."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str  # "host" or "host:port", as the Host header should read
+
+    @classmethod
+    def parse(cls, scheme: str, host: str, port: int | None) -> Origin:
+        tls = scheme == "https"
+        default = 443 if tls else 80
+        real_port = port or default
+        shown = host if real_port == default else f"{host}:{real_port}"
+        if ":" in host and not host.startswith("["):  # IPv6 literal
+            shown = f"[{host}]" if real_port == default else f"[{host}]:{real_port}"
+        return cls(host, real_port, tls, shown)
+
+
+class _Connection(asyncio.Protocol):
+    """One keep-alive connection and the state of the exchange running on it."""
+
+    def __init__(self, client: UpstreamClient, origin: Origin) -> None:
+        self.client = client
+        self.origin = origin
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.closed = False
+        self.idle_since = 0.0
+        self.read_timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
+        self._write_ready: asyncio.Future[None] | None = None
+        self._reset(head_request=False)
+
+    def _reset(self, head_request: bool) -> None:
+        self.head_request = head_request
+        self.status = 0
+        self.reason = ""
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.head: asyncio.Future[None] | None = None
+        self.chunks: deque[bytes] = deque()
+        self.buffered = 0
+        self.reading_paused = False
+        self.complete = False
+        self.reusable = False
+        self.got_bytes = False
+        self.error: BaseException | None = None
+        self.waiter: asyncio.Future[None] | None = None
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not subclasses of asyncio's, hence no isinstance check.
+        self.transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self.head is None:
+            # Bytes on an idle connection: the backend is closing it or talking nonsense.
+            self.close()
+            return
+        self.got_bytes = True
+        self._deadline = self.loop.time() + self.read_timeout
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._fail(UpstreamError("protocol", "the backend switched protocols"))
+        except httptools.HttpParserError as error:
+            self._fail(UpstreamError("protocol", f"invalid HTTP from the backend: {error}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_exception(ConnectionResetError("backend closed the connection"))
+        if self.head is not None and not self.complete:
+            self._fail(UpstreamError("connect", "the backend closed the connection"))
+
+    def pause_writing(self) -> None:
+        self._write_ready = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self._write_ready is not None and not self._write_ready.done():
+            self._write_ready.set_result(None)
+        self._write_ready = None
+
+    async def drain(self) -> None:
+        if self._write_ready is not None:
+            await self._write_ready
+
+    # --- httptools callbacks ---------------------------------------------------------------
+
+    def on_status(self, status: bytes) -> None:
+        self.reason = status.decode("latin-1")
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if 100 <= self.status < 200 and self.status != 101:
+            return  # informational: the real answer follows
+        if self.head is not None and not self.head.done():
+            self.head.set_result(None)
+        if self.head_request:
+            # No body follows a HEAD answer, whatever its Content-Length says; the parser
+            # does not know that, so this connection is not reused.
+            self.complete = True
+            self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        if self.head_request:
+            return
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and not self.reading_paused and self.transport:
+            self.transport.pause_reading()
+            self.reading_paused = True
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if 100 <= self.status < 200 and self.status != 101:
+            self.status = 0
+            self.reason = ""
+            self.raw_headers = []
+            return
+        self.complete = True
+        self.reusable = not self.head_request and self.parser.should_keep_alive()
+        self._cancel_timer()
+        self._wake()
+
+    # --- exchange --------------------------------------------------------------------------
+
+    def begin(self, head_request: bool, read_timeout: float) -> None:
+        self._reset(head_request)
+        self.read_timeout = read_timeout
+        self.head = self.loop.create_future()
+
+    def _fail(self, error: BaseException) -> None:
+        if self.error is None:
+            self.error = error
+        if self.head is not None and not self.head.done():
+            self.head.set_exception(error)
+            # Retrieved by whoever awaits it; mark it so an unawaited one is not logged.
+            self.head.exception()
+        self._wake()
+        self.close()
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def arm_timer(self) -> None:
+        self._deadline = self.loop.time() + self.read_timeout
+        if self._timer is None:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self.complete or self.closed:
+            return
+        if self.reading_paused:  # the client is slow, not the backend: not a timeout
+            self.arm_timer()
+            return
+        now = self.loop.time()
+        if now < self._deadline:
+            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            return
+        self._fail(UpstreamTimeout(f"no data from the backend within {self.read_timeout:g}s"))
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def take_chunk(self) -> bytes:
+        chunk = self.chunks.popleft()
+        self.buffered -= len(chunk)
+        if self.reading_paused and self.buffered < LOW_WATER and self.transport:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self._deadline = self.loop.time() + self.read_timeout
+        return chunk
+
+    async def wait_data(self) -> None:
+        self.waiter = self.loop.create_future()
+        try:
+            await self.waiter
+        finally:
+            self.waiter = None
+
+    def close(self) -> None:
+        self._cancel_timer()
+        if not self.closed:
+            self.closed = True
+            if self.transport is not None:
+                self.transport.close()
+
+
+class UpstreamResponse:
+    """An answer whose head has arrived; the body is read with ``chunks()``."""
+
+    __slots__ = ("_conn", "_done", "headers", "reason", "status")
+
+    def __init__(self, conn: _Connection) -> None:
+        self._conn = conn
+        self._done = False
+        self.status = conn.status
+        self.reason = conn.reason
+        self.headers = [
+            (name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape"))
+            for name, value in conn.raw_headers
+        ]
+
+    def header(self, name: str) -> str | None:
+        wanted = name.lower()
+        for key, value in self.headers:
+            if key.lower() == wanted:
+                return value
+        return None
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives. Raises UpstreamTimeout or UpstreamError mid-way."""
+        conn = self._conn
+        while True:
+            if conn.chunks:
+                yield conn.take_chunk()
+                continue
+            if conn.complete:
+                return
+            if conn.error is not None:
+                raise conn.error
+            conn.arm_timer()
+            await conn.wait_data()
+
+    def release(self) -> None:
+        """Done with the answer: a complete keep-alive exchange returns the connection."""
+        if self._done:
+            return
+        self._done = True
+        conn = self._conn
+        if conn.complete and conn.reusable and not conn.closed and not conn.chunks:
+            conn.client._put_idle(conn)
+        else:
+            conn.close()
+
+    def close(self) -> None:
+        """Abandon the answer (and its connection)."""
+        self._done = True
+        self._conn.close()
+
+
+BodySource = bytes | AsyncIterator[bytes] | None
+
+
+class UpstreamClient:
+    """Pooled HTTP/1.1 connections to the backends' endpoints."""
+
+    def __init__(self, ssl_context: ssl_module.SSLContext | None = None) -> None:
+        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._ssl = ssl_context
+        self._closed = False
+
+    async def request(
+        self,
+        origin: Origin,
+        method: str,
+        target: str,
+        headers: Iterable[tuple[str, str]],
+        body: BodySource,
+        *,
+        content_length: int | None = None,
+        connect_timeout: float,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        """Send a request and wait for the answer's head.
+
+        ``headers`` must hold no framing (Content-Length, Transfer-Encoding) and no Host:
+        they are written here. A streamed body is sent with ``content_length`` when it
+        is known, chunked otherwise. Errors are UpstreamError, UpstreamTimeout, or
+        whatever the body iterator raised."""
+        head = _request_head(method, target, origin.host_header, headers, body, content_length)
+        replayable = not isinstance(body, AsyncIterator)
+        for attempt in (1, 2):
+            conn = self._take_idle(origin)
+            reused = conn is not None
+            if conn is None:
+                conn = await self._connect(origin, connect_timeout)
+            try:
+                return await self._exchange(
+                    conn, method, head, body, content_length is None, read_timeout
+                )
+            except UpstreamError:
+                conn.close()
+                # A pooled connection the backend had already closed: the request never
+                # reached it, so sending it again on a new connection is safe.
+                if reused and replayable and not conn.got_bytes and attempt == 1:
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+        raise AssertionError("unreachable")
+
+    async def _exchange(
+        self,
+        conn: _Connection,
+        method: str,
+        head: bytes,
+        body: BodySource,
+        chunked: bool,
+        read_timeout: float,
+    ) -> UpstreamResponse:
+        conn.begin(method == "HEAD", read_timeout)
+        transport = conn.transport
+        assert transport is not None and conn.head is not None
+        if isinstance(body, bytes):
+            transport.write(head + body if len(body) < 16 * 1024 else head)
+            if len(body) >= 16 * 1024:
+                transport.write(body)
+            writer = None
+        elif body is None:
+            transport.write(head)
+            writer = None
+        else:
+            transport.write(head)
+            # The backend may answer before it has read the whole body (an early error);
+            # writing in its own task lets that answer through.
+            writer = asyncio.create_task(_write_stream(conn, body, chunked))
+        conn.arm_timer()
+        try:
+            if writer is None:
+                await conn.head
+            else:
+                await asyncio.wait((conn.head, writer), return_when=asyncio.FIRST_COMPLETED)
+                if writer.done() and writer.exception() is not None:
+                    raise writer.exception()  # type: ignore[misc]
+                await conn.head
+        except BaseException:
+            if writer is not None and not writer.done():
+                writer.cancel()
+            raise
+        if writer is not None and not writer.done():
+            # The head came first; the rest of the body keeps going. If it never finishes,
+            # the connection is not reused (the exchange is not complete).
+            writer.add_done_callback(_retrieve)
+        return UpstreamResponse(conn)
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        now = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()  # most recently used first: warmest, least likely closed
+            if not conn.closed and now - conn.idle_since < IDLE_SECONDS:
+                return conn
+            conn.close()
+        return None
+
+    def _put_idle(self, conn: _Connection) -> None:
+        if self._closed:
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.origin, deque())
+        if len(idle) >= MAX_IDLE_PER_ENDPOINT:
+            conn.close()
+            return
+        conn.head = None
+        conn.idle_since = conn.loop.time()
+        idle.append(conn)
+
+    async def _connect(self, origin: Origin, limit: float) -> _Connection:
+        loop = asyncio.get_running_loop()
+        tls: ssl_module.SSLContext | None = None
+        if origin.tls:
+            tls = self._ssl or ssl_module.create_default_context()
+        try:
+            async with asyncio.timeout(limit):
+                _, conn = await loop.create_connection(
+                    lambda: _Connection(self, origin),
+                    origin.host,
+                    origin.port,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"no connection to {origin.host}:{origin.port} within {limit:g}s"
+            ) from None
+        except OSError as error:
+            raise UpstreamError(
+                "connect",
+                f"cannot connect to {origin.host}:{origin.port}: {error.strerror or error}",
+            ) from None
+        return conn
+
+    async def close(self) -> None:
+        self._closed = True
+        for idle in self._idle.values():
+            for conn in idle:
+                conn.close()
+        self._idle.clear()
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
+async def _write_stream(conn: _Connection, body: AsyncIterator[bytes], chunked: bool) -> None:
+    transport = conn.transport
+    assert transport is not None
+    try:
+        async for chunk in body:
+            if conn.closed:
+                return
+            if not chunk:
+                continue
+            if chunked:
+                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+            else:
+                transport.write(chunk)
+            await conn.drain()
+        if chunked and not conn.closed:
+            transport.write(b"0\r\n\r\n")
+    except ConnectionResetError:
+        return  # the backend went away; the reader side reports it
+
+
+def _request_head(
+    method: str,
+    target: str,
+    host: str,
+    headers: Iterable[tuple[str, str]],
+    body: BodySource,
+    content_length: int | None,
+) -> bytes:
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    if isinstance(body, bytes):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    elif body is not None:
+        if content_length is not None:
+            lines.append(f"Content-Length: {content_length}\r\n")
+        else:
+            lines.append("Transfer-Encoding: chunked\r\n")
+    elif method in _BODY_METHODS:
+        lines.append("Content-Length: 0\r\n")
+    lines.append("\r\n")
+    return "".join(lines).encode("utf-8", "surrogateescape")

@@ -1,0 +1,262 @@
+"""The proxy's own HTTP/1.1 upstream client, against raw loopback servers that misbehave
+on purpose: closed keep-alive connections, chunked and informational answers, HEAD,
+garbage, early answers and slow readers."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.h1 import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
+
+pytestmark = pytest.mark.timeout(20)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+RawServer = Callable[[Handler], Awaitable[Origin]]
+
+
+@pytest.fixture
+async def raw_server() -> AsyncIterator[RawServer]:
+    servers: list[asyncio.Server] = []
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def start(handler: Handler) -> Origin:
+        async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(closing, "127.0.0.1", 0)
+        servers.append(server)
+        port = server.sockets[0].getsockname()[1]
+        return Origin.parse("http", "127.0.0.1", port)
+
+    yield start
+    # Handlers still sleeping (the "silent" ones) are cancelled; each closes its socket.
+    for task in handlers:
+        task.cancel()
+    await asyncio.gather(*handlers, return_exceptions=True)
+    for server in servers:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def client() -> AsyncIterator[UpstreamClient]:
+    c = UpstreamClient()
+    yield c
+    await c.close()
+
+
+async def read_request(reader: asyncio.StreamReader) -> tuple[bytes, bytes]:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":", 1)[1])
+    body = await reader.readexactly(length) if length else b""
+    return head, body
+
+
+async def body_of(
+    client: UpstreamClient, origin: Origin, method: str = "GET", **kw: object
+) -> tuple[int, bytes]:
+    response = await client.request(
+        origin, method, "/x", [], kw.get("body"),  # type: ignore[arg-type]
+        connect_timeout=2, read_timeout=float(kw.get("read_timeout", 2)),  # type: ignore[arg-type]
+    )  # fmt: skip
+    data = b"".join([chunk async for chunk in response.chunks()])
+    response.release()
+    return response.status, data
+
+
+async def test_keep_alive_reuses_one_connection(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+        writer.close()
+
+    origin = await raw_server(handler)
+    for _ in range(5):
+        assert await body_of(client, origin) == (200, b"ok")
+    assert connections == 1
+
+
+async def test_a_closed_idle_connection_is_retried_on_a_new_one(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        # Claims keep-alive, then closes: the next request finds a dead pooled connection.
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    origin = await raw_server(handler)
+    for _ in range(4):
+        assert await body_of(client, origin, "POST", body=b"{}") == (200, b"ok")
+    assert connections == 4
+
+
+async def test_chunked_and_informational_answers(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-A: 1\r\n\r\n")
+        for part in (b"hello ", b"chunked ", b"world"):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+            await writer.drain()
+        writer.write(b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    origin = await raw_server(handler)
+    response = await client.request(origin, "GET", "/", [], None, connect_timeout=2, read_timeout=2)
+    assert response.status == 200
+    assert response.header("x-a") == "1"
+    assert response.header("Link") is None
+    assert b"".join([c async for c in response.chunks()]) == b"hello chunked world"
+    response.release()
+
+
+async def test_head_answer_has_no_body_and_is_not_reused(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
+        await writer.drain()
+        await reader.read()  # keep the connection open until the client closes it
+        writer.close()
+
+    origin = await raw_server(handler)
+    for _ in range(2):
+        status, body = await body_of(client, origin, "HEAD")
+        assert (status, body) == (200, b"")
+    assert connections == 2
+
+
+async def test_garbage_is_a_protocol_error(raw_server: RawServer, client: UpstreamClient) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"SMTP READY\r\n\r\n")
+        await writer.drain()
+
+    origin = await raw_server(handler)
+    with pytest.raises(UpstreamError) as caught:
+        await body_of(client, origin)
+    assert caught.value.reason == "protocol"
+
+
+async def test_silence_is_a_timeout_and_so_is_a_stalled_body(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        await asyncio.sleep(5)
+
+    async def stalls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nabc")
+        await writer.drain()
+        await asyncio.sleep(5)
+
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await body_of(client, await raw_server(silent), read_timeout=0.3)
+    assert 0.25 < loop.time() - started < 1.5
+    with pytest.raises(UpstreamTimeout):
+        await body_of(client, await raw_server(stalls), read_timeout=0.3)
+
+
+async def test_refused_connection(client: UpstreamClient) -> None:
+    from gateway.app import free_port
+
+    origin = Origin.parse("http", "127.0.0.1", free_port())
+    with pytest.raises(UpstreamError) as caught:
+        await body_of(client, origin)
+    assert caught.value.reason == "connect"
+
+
+async def test_early_answer_while_the_body_is_still_streaming(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(
+            b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        await writer.drain()
+        writer.close()
+
+    never_done = asyncio.Event()
+
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"x" * 1000
+        await never_done.wait()
+        yield b"never"
+
+    origin = await raw_server(handler)
+    response = await client.request(
+        origin, "POST", "/", [], endless(), connect_timeout=2, read_timeout=2
+    )
+    assert response.status == 413
+    response.close()
+
+
+async def test_large_answer_to_a_slow_reader_is_intact_and_bounded(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    payload = os.urandom(8 * 1024 * 1024)
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(payload))
+        writer.write(payload)
+        await writer.drain()
+
+    origin = await raw_server(handler)
+    response = await client.request(origin, "GET", "/", [], None, connect_timeout=2, read_timeout=2)
+    digest = hashlib.sha256()
+    peak = 0
+    async for chunk in response.chunks():
+        digest.update(chunk)
+        peak = max(peak, response._conn.buffered)
+        await asyncio.sleep(0)  # a slow client: the backend must wait, not pile up
+    response.release()
+    assert digest.digest() == hashlib.sha256(payload).digest()
+    # Reading pauses above the high-water mark; what arrives in the meantime is one
+    # socket read at most.
+    assert peak < 2 * 1024 * 1024
