@@ -432,3 +432,30 @@ async def test_upstream_gets_exactly_the_client_headers_plus_forwarding_ones(
         "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
     }  # fmt: skip
     assert dict(seen)["X-Forwarded-Host"] == "gw"
+
+
+async def test_backend_breaking_mid_answer_cuts_the_client_connection(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gateway = await start_gateway(single_backend(f"http://127.0.0.1:{port}"))
+        async with http.get(proxy_url(gateway, "/x")) as response:
+            assert response.status == 200
+            # The client must see a broken answer, not a clean short one.
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await response.read()
+        async with http.get(f"http://127.0.0.1:{gateway.admin_port}/metrics") as response:
+            text = await response.text()
+        labels = 'reason="stream_reset",route="only",variant="champion"'
+        assert f"gateway_upstream_errors_total{{{labels}}} 1.0" in text
+    finally:
+        server.close()
+        await server.wait_closed()
