@@ -11,7 +11,6 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
@@ -27,7 +26,7 @@ from gateway.shadow import ShadowRunner
 from gateway.store import StateStore, StoreError, open_store
 from gateway.store.redis import default_client as default_redis_client
 from gateway.tracing import TraceWriter
-from gateway.upstream import BackendPool, build_pools, new_session
+from gateway.upstream import BackendPool, build_pools
 from gateway.weights import WeightSync
 
 log = logging.getLogger("gateway")
@@ -70,7 +69,6 @@ class Gateway:
         self.metrics = metrics if metrics is not None else Metrics()
         self.reuse_port = reuse_port
         self.routes: dict[str, RouteRuntime] = build_routes(config, self.metrics)
-        self._session: aiohttp.ClientSession | None = None  # shadow calls
         self._upstream: UpstreamClient | None = None  # the proxy's own calls
         self.shadow_runner: ShadowRunner | None = None
         self.store: StateStore | None = None
@@ -187,9 +185,8 @@ class Gateway:
         server_cfg = self.config.server
         await self._start_state()
         self._start_tracing()
-        self._session = new_session()
-        self.shadow_runner = ShadowRunner(self._session, on_load=self._shadow_load)
         self._upstream = UpstreamClient()
+        self.shadow_runner = ShadowRunner(self._upstream, on_load=self._shadow_load)
         self._proxy = Proxy(
             build_router(self.routes),
             self._upstream,
@@ -242,9 +239,6 @@ class Gateway:
             self._proxy_runner = None
         if self.shadow_runner is not None:
             await self.shadow_runner.close()
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
         if self._upstream is not None:
             await self._upstream.close()
             self._upstream = None

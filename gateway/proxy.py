@@ -498,7 +498,7 @@ class Proxy:
                 exchange.request_id,
                 request.method,
                 request.raw_path,
-                CIMultiDict(headers),
+                headers,
                 request_body,
             ),
             Answer(upstream.status, upstream.header("Content-Type") or "", decoded),
@@ -521,10 +521,6 @@ class Proxy:
     ) -> web.Response:
         metrics.count(error.status, time.perf_counter() - started)
         return error_response(error, message, request_id, self.request_id_header)
-
-
-def _is_connect_error(error: Exception) -> bool:
-    return isinstance(error, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError)
 
 
 async def _send_continue(request: web.BaseRequest) -> None:

@@ -19,9 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import orjson
-from multidict import CIMultiDict
 
 from gateway.config import ShadowConfig
 from gateway.core.compare import Answer, CompareSettings, Comparison, TextMatch, VectorMatch
@@ -29,6 +27,7 @@ from gateway.core.compare import compare as compare_answers
 from gateway.core.extract import Protocol
 from gateway.core.split import bucket_of, threshold
 from gateway.core.stats import ShadowOutcome, ShadowStats, StatsSettings
+from gateway.h1 import UpstreamClient, UpstreamError
 from gateway.keys import KeySource
 from gateway.metrics import Metrics
 from gateway.upstream import BackendPool
@@ -126,7 +125,7 @@ class MirroredRequest:
     request_id: str
     method: str
     raw_path: str
-    headers: CIMultiDict[str]
+    headers: list[tuple[str, str]]  # as sent to the champion, without framing
     body: bytes | None
 
 
@@ -144,7 +143,7 @@ class ShadowPolicy:
     rng: random.Random = field(default_factory=random.Random)
     stats: ShadowStats = field(init=False)
     settings: CompareSettings = field(init=False)
-    timeout: aiohttp.ClientTimeout = field(init=False)
+    timeout_seconds: float = field(init=False)
     methods: frozenset[str] = field(init=False)
     cut: int = field(init=False)
     in_flight: int = 0
@@ -154,11 +153,7 @@ class ShadowPolicy:
     def __post_init__(self) -> None:
         self.stats = ShadowStats(stats_settings(self.config))
         self.settings = compare_settings(self.config)
-        seconds = self.config.timeout_seconds or self.target.timeout_seconds
-        # The shadow's timeout bounds the whole call: nobody is waiting on a stream.
-        self.timeout = aiohttp.ClientTimeout(
-            total=seconds, sock_connect=self.target.timeout.sock_connect
-        )
+        self.timeout_seconds = self.config.timeout_seconds or self.target.timeout_seconds
         self.methods = ALL_METHODS if self.config.allow_side_effects else SAFE_METHODS
         self.cut = threshold(self.config.sample_rate)
         self._outcomes = {
@@ -189,11 +184,11 @@ class ShadowRunner:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        client: UpstreamClient,
         *,
         on_load: Callable[[BackendPool], Callable[[bytes | None], None]] | None = None,
     ) -> None:
-        self.session = session
+        self.client = client
         self._tasks: set[asyncio.Task[None]] = set()
         self._logs: dict[str, Path] = {}
         # Lets the trace writer count shadow calls as load on their target.
@@ -238,7 +233,7 @@ class ShadowRunner:
             except TimeoutError:
                 policy.fail(ShadowOutcome.TIMEOUT)
                 return
-            except (aiohttp.ClientError, OSError, ValueError):
+            except (UpstreamError, OSError, ValueError):
                 policy.fail(ShadowOutcome.ERROR)
                 return
             if shadow is None:  # too large, or a content coding we cannot read
@@ -272,7 +267,7 @@ class ShadowRunner:
         """A second champion call: what the champion disagrees with itself about is noise."""
         try:
             again, _ = await self._call(policy, policy.champion, request)
-        except (TimeoutError, aiohttp.ClientError, OSError, ValueError):
+        except (TimeoutError, UpstreamError, OSError, ValueError):
             return
         if again is not None:
             policy.stats.record_noise(await self._compare(policy, champion, again))
@@ -282,36 +277,43 @@ class ShadowRunner:
     ) -> tuple[Answer | None, float]:
         endpoint = pool.pick()
         if endpoint is None:
-            raise aiohttp.ClientConnectionError(f"backend {pool.name} has no healthy endpoint")
-        headers = CIMultiDict(request.headers)
-        headers[SHADOW_HEADER] = "1"
+            raise UpstreamError("connect", f"backend {pool.name} has no healthy endpoint")
+        headers = [*request.headers, (SHADOW_HEADER, "1")]
         done = self.on_load(pool) if self.on_load is not None else None
         body: bytes | None = None
         started = time.perf_counter()
         try:
-            async with self.session.request(
-                request.method,
-                endpoint.url(request.raw_path),
-                headers=headers,
-                data=request.body,
-                timeout=policy.timeout,
-                allow_redirects=False,
-            ) as response:
+            # The shadow's timeout bounds the whole call: nobody is waiting on a stream.
+            async with asyncio.timeout(policy.timeout_seconds):
+                response = await self.client.request(
+                    endpoint.origin,
+                    request.method,
+                    endpoint.target(request.raw_path),
+                    headers,
+                    request.body,
+                    connect_timeout=pool.connect_timeout_seconds,
+                    read_timeout=policy.timeout_seconds,
+                )
                 copy = BoundedCopy(policy.config.max_body_bytes)
-                async for chunk in response.content.iter_any():
-                    copy.feed(chunk)
+                try:
+                    async for chunk in response.chunks():
+                        copy.feed(chunk)
+                        if copy.overflowed:
+                            break
+                finally:
                     if copy.overflowed:
-                        break
-                seconds = time.perf_counter() - started
-                raw = copy.value()
-                if raw is None:
-                    return None, seconds
-                body = raw
-                decoded = decode_body(raw, response.headers.get("Content-Encoding"))
-                if decoded is None:
-                    return None, seconds
-                content_type = response.headers.get("Content-Type", "")
-                return Answer(response.status, content_type, decoded), seconds
+                        response.close()
+                    else:
+                        response.release()
+            seconds = time.perf_counter() - started
+            raw = copy.value()
+            if raw is None:
+                return None, seconds
+            body = raw
+            decoded = decode_body(raw, response.header("Content-Encoding"))
+            if decoded is None:
+                return None, seconds
+            return Answer(response.status, response.header("Content-Type") or "", decoded), seconds
         finally:
             if done is not None:
                 done(body)

@@ -1,6 +1,6 @@
 """Backend pools: endpoints, load balancing and passive outlier ejection.
 
-A pool only *chooses*; the proxy does the I/O with the one shared ``ClientSession`` and
+A pool only *chooses*; the proxy does the I/O with the one shared ``UpstreamClient`` and
 reports each attempt's outcome back, which is what ejection decides on.
 """
 
@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from gateway.config import BackendConfig
@@ -53,7 +51,8 @@ class BackendPool:
     model: str
     endpoints: list[Endpoint]
     strategy: str
-    timeout: aiohttp.ClientTimeout
+    # Longest wait for the answer's head and, once it streams, between two chunks: a
+    # long LLM stream that keeps flowing is never cut.
     timeout_seconds: float
     connect_timeout_seconds: float
     clock: Callable[[], float] = time.monotonic
@@ -68,13 +67,6 @@ class BackendPool:
             model=config.model or name,
             endpoints=[Endpoint(url) for url in config.urls],
             strategy=config.load_balancing,
-            # sock_read bounds the wait for the headers and every gap between chunks,
-            # not the whole answer: a long LLM stream that keeps flowing is never cut.
-            timeout=aiohttp.ClientTimeout(
-                total=None,
-                sock_connect=config.connect_timeout_seconds,
-                sock_read=config.timeout_seconds,
-            ),
             timeout_seconds=config.timeout_seconds,
             connect_timeout_seconds=config.connect_timeout_seconds,
             clock=clock,
@@ -113,42 +105,3 @@ def build_pools(
     backends: dict[str, BackendConfig], clock: Callable[[], float] = time.monotonic
 ) -> dict[str, BackendPool]:
     return {name: BackendPool.from_config(name, cfg, clock) for name, cfg in backends.items()}
-
-
-# Headers aiohttp adds to a request when the caller did not set them; a proxy must add
-# none the client did not send (Accept-Encoding in particular would have the backend
-# compress answers for a client that cannot read them).
-_NEVER_ADDED: CIMultiDict[None] = CIMultiDict(
-    (name, None) for name in ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
-)
-
-
-class PassThroughRequest(aiohttp.ClientRequest):
-    """aiohttp's request, minus its default headers.
-
-    ``skip_auto_headers`` on the session does the same, but rebuilds the skip set and
-    copies the request's headers on every request (5 % of the gateway's CPU under load).
-    This overrides the one method that applies defaults, with a skip set built once; a
-    test checks that upstreams receive exactly the client's headers."""
-
-    def update_auto_headers(self, skip_auto_headers: Iterable[str] | None) -> None:
-        self._skip_auto_headers = _NEVER_ADDED
-
-
-def new_session() -> aiohttp.ClientSession:
-    """The one client session all upstream calls share (connection pooling)."""
-    connector = aiohttp.TCPConnector(
-        limit=0,  # the gateway must not queue requests behind an arbitrary pool size
-        limit_per_host=0,
-        ttl_dns_cache=60,
-        enable_cleanup_closed=False,
-    )
-    return aiohttp.ClientSession(
-        connector=connector,
-        # Bodies pass through byte for byte, compressed or not.
-        auto_decompress=False,
-        request_class=PassThroughRequest,
-        cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=None),
-        raise_for_status=False,
-    )

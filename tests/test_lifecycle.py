@@ -4,18 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
-import yaml
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import free_port
 from tests.conftest import StartApp
-from tests.support import gateway_document
+from tests.support import gateway_document, spawn_gateway
 
 
 async def _in_flight(session: aiohttp.ClientSession, admin: str) -> float:
@@ -58,12 +56,7 @@ async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
         admin={"port": admin_port},
         state={"path": str(tmp_path / "state.db")},
     )
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(document))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "-c", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    process = await spawn_gateway(document, tmp_path)
     admin = f"http://127.0.0.1:{admin_port}"
     try:
         connector = aiohttp.TCPConnector(limit=0)
@@ -111,12 +104,7 @@ async def test_sigterm_stops_accepting_new_connections(start_app: StartApp, tmp_
         admin={"port": admin_port},
         state={"path": str(tmp_path / "state.db")},
     )
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(document))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "-c", str(config),
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
-    )  # fmt: skip
+    process = await spawn_gateway(document, tmp_path, capture=False)
     admin = f"http://127.0.0.1:{admin_port}"
     try:
         async with aiohttp.ClientSession() as session:

@@ -7,20 +7,10 @@ from typing import Any
 
 import aiohttp
 import yaml
-from aiohttp import web
 
 from gateway.core.split import bucket_of
 from tests.conftest import StartApp, StartGateway
-from tests.support import admin_url, gateway_document, proxy_url
-
-
-def named_app(name: str) -> web.Application:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"backend": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+from tests.support import admin_url, gateway_document, named_app, proxy_url
 
 
 async def _backend(http: aiohttp.ClientSession, url: str) -> tuple[int, Any]:

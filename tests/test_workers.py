@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import sys
 import time
 from pathlib import Path
 
 import aiohttp
 import pytest
-import yaml
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import free_port
 from tests.conftest import StartApp
-from tests.support import gateway_document
-
-
-def named_app(name: str) -> web.Application:
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"backend": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+from tests.support import gateway_document, named_app, spawn_gateway
 
 
 def requests_total(text: str) -> dict[tuple[str, str, str], float]:
@@ -51,12 +39,7 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
         state={"path": str(tmp_path / "state.db")},
         tracing={"enabled": False},
     )
-    config = tmp_path / "gateway.yaml"
-    config.write_text(yaml.safe_dump(document))
-    process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "gateway.cli", "run", "-c", str(config), "--workers", "2",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    process = await spawn_gateway(document, tmp_path, "--workers", "2")
     proxy, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
     try:
         # A fresh connection per request, so the kernel spreads them over both workers.
