@@ -80,16 +80,26 @@ class BackendPool:
             # A lone endpoint is never ejected: there is nowhere better to send the request,
             # and refusing it would only hide that the backend came back.
             return only
+        if self.strategy == "round_robin":
+            # No list per request: step to the next endpoint that is not ejected; the clock
+            # is read only when an endpoint has been ejected at some point.
+            count = len(endpoints)
+            for _ in range(count):
+                self._next = (self._next + 1) % count
+                endpoint = endpoints[self._next]
+                if endpoint.ejected_until == 0.0 or endpoint.ejected_until <= self.clock():
+                    return endpoint
+            return None
         now = self.clock()
         healthy = [e for e in endpoints if e.ejected_until <= now]
         if not healthy:
             return None
-        if self.strategy == "random":
+        if self.strategy == "random" or len(healthy) == 1:
             return random.choice(healthy)
-        if self.strategy == "least_request":
-            return min(healthy, key=lambda e: e.active)
-        self._next = (self._next + 1) % len(healthy)
-        return healthy[self._next]
+        # least_request as Envoy does it: the less busy of two random endpoints. Ties
+        # spread evenly, and no endpoint takes every new request while it looks idle.
+        first, second = random.sample(healthy, 2)
+        return first if first.active <= second.active else second
 
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.consecutive_failures = 0

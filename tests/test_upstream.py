@@ -1,0 +1,94 @@
+"""Backend pools: load balancing and passive outlier ejection, with an injected clock."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from gateway.config import BackendConfig
+from gateway.upstream import EJECT_AFTER_FAILURES, EJECTION_SECONDS, BackendPool
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def pool(strategy: str, endpoints: int, clock: Clock) -> BackendPool:
+    urls = [f"http://127.0.0.1:{9000 + i}" for i in range(endpoints)]
+    config = BackendConfig(endpoints=urls, load_balancing=strategy)  # type: ignore[arg-type]
+    return BackendPool.from_config("b", config, clock)
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_request"])
+def test_every_endpoint_gets_traffic(strategy: str) -> None:
+    p = pool(strategy, 4, Clock())
+    seen = Counter()
+    for _ in range(400):
+        endpoint = p.pick()
+        assert endpoint is not None
+        seen[endpoint.base] += 1
+    assert len(seen) == 4
+    if strategy == "round_robin":
+        assert set(seen.values()) == {100}
+
+
+def test_least_request_prefers_the_idlest() -> None:
+    p = pool("least_request", 3, Clock())
+    p.endpoints[0].active, p.endpoints[1].active, p.endpoints[2].active = 5, 1, 3
+    picks = Counter(id(p.pick()) for _ in range(900))
+    busiest, idlest, middle = (picks[id(e)] for e in p.endpoints)
+    # Two random choices, the less busy wins: the busiest never, the idlest whenever drawn.
+    assert busiest == 0
+    assert idlest > middle > 0
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_request"])
+def test_failing_endpoint_is_ejected_then_returns(strategy: str) -> None:
+    clock = Clock()
+    p = pool(strategy, 3, clock)
+    bad = p.endpoints[1]
+    for _ in range(EJECT_AFTER_FAILURES - 1):
+        p.failed(bad)
+    assert bad.ejected_until == 0.0  # not yet
+    p.failed(bad)
+    assert bad.ejected_until == clock.now + EJECTION_SECONDS
+    assert all(p.pick() is not bad for _ in range(60))
+    clock.now += EJECTION_SECONDS
+    assert any(p.pick() is bad for _ in range(60))
+
+
+def test_success_resets_the_failure_count() -> None:
+    p = pool("round_robin", 2, Clock())
+    bad = p.endpoints[0]
+    for _ in range(EJECT_AFTER_FAILURES - 1):
+        p.failed(bad)
+    p.succeeded(bad)
+    p.failed(bad)
+    assert bad.ejected_until == 0.0
+
+
+def test_all_ejected_means_no_endpoint_and_a_lone_endpoint_is_never_ejected() -> None:
+    clock = Clock()
+    p = pool("round_robin", 2, clock)
+    for endpoint in p.endpoints:
+        for _ in range(EJECT_AFTER_FAILURES):
+            p.failed(endpoint)
+    assert p.pick() is None
+    lone = pool("round_robin", 1, clock)
+    for _ in range(EJECT_AFTER_FAILURES * 3):
+        lone.failed(lone.endpoints[0])
+    assert lone.pick() is lone.endpoints[0]
+
+
+def test_endpoint_keeps_its_base_path_and_the_raw_target() -> None:
+    config = BackendConfig(url="http://model:8000/serving/")
+    endpoint = BackendPool.from_config("b", config).endpoints[0]
+    assert endpoint.origin.host_header == "model:8000"
+    assert endpoint.target("/v1/x%2Fy?q=a%20b") == "/serving/v1/x%2Fy?q=a%20b"
+    tls = BackendPool.from_config("t", BackendConfig(url="https://model")).endpoints[0]
+    assert (tls.origin.port, tls.origin.tls, tls.origin.host_header) == (443, True, "model")
