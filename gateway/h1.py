@@ -32,6 +32,7 @@ LOW_WATER = 64 * 1024
 IDLE_SECONDS = 30.0
 MAX_IDLE_PER_ENDPOINT = 1024
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_JOIN_BYTES = 16 * 1024
 
 
 class UpstreamError(Exception):
@@ -98,6 +99,9 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.reusable = False
         self.got_bytes = False
+        # Only a connection whose request went out whole can carry another: after an
+        # early answer the backend may still be waiting for the rest of the body.
+        self.body_sent = False
         self.error: BaseException | None = None
         self.waiter: asyncio.Future[None] | None = None
 
@@ -293,7 +297,13 @@ class UpstreamResponse:
             return
         self._done = True
         conn = self._conn
-        if conn.complete and conn.reusable and not conn.closed and not conn.chunks:
+        if (
+            conn.complete
+            and conn.reusable
+            and conn.body_sent
+            and not conn.closed
+            and not conn.chunks
+        ):
             conn.client._put_idle(conn)
         else:
             conn.close()
@@ -368,14 +378,17 @@ class UpstreamClient:
         conn.begin(method == "HEAD", read_timeout)
         transport = conn.transport
         assert transport is not None and conn.head is not None
-        if isinstance(body, bytes):
-            transport.write(head + body if len(body) < 16 * 1024 else head)
-            if len(body) >= 16 * 1024:
-                transport.write(body)
-            writer = None
-        elif body is None:
+        writer = None
+        if body is None:
             transport.write(head)
-            writer = None
+            conn.body_sent = True
+        elif isinstance(body, bytes):
+            if len(body) <= _JOIN_BYTES:
+                transport.write(head + body)  # one segment for the usual small request
+            else:
+                transport.write(head)  # no copy of a large body just to join it
+                transport.write(body)
+            conn.body_sent = True
         else:
             transport.write(head)
             # The backend may answer before it has read the whole body (an early error);
@@ -477,8 +490,11 @@ async def _write_stream(conn: _Connection, body: AsyncIterator[bytes], chunked: 
             else:
                 transport.write(chunk)
             await conn.drain()
-        if chunked and not conn.closed:
+        if conn.closed:
+            return
+        if chunked:
             transport.write(b"0\r\n\r\n")
+        conn.body_sent = True
     except ConnectionResetError:
         return  # the backend went away; the reader side reports it
 

@@ -260,3 +260,41 @@ async def test_large_answer_to_a_slow_reader_is_intact_and_bounded(
     # Reading pauses above the high-water mark; what arrives in the meantime is one
     # socket read at most.
     assert peak < 2 * 1024 * 1024
+
+
+async def test_connection_is_not_reused_after_an_early_answer(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    # The backend answers (keep-alive) before it has read the body. Reusing that
+    # connection would hand the rest of the old body to the next request as its head.
+    connections = 0
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        head = await reader.readuntil(b"\r\n\r\n")
+        if head.startswith(b"POST"):
+            writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await reader.read()
+
+    stalled = asyncio.Event()
+
+    async def slow_body() -> AsyncIterator[bytes]:
+        yield b"x" * 100
+        await stalled.wait()
+        yield b"y" * 100
+
+    origin = await raw_server(handler)
+    response = await client.request(
+        origin, "POST", "/", [], slow_body(), content_length=200, connect_timeout=2,
+        read_timeout=2,
+    )  # fmt: skip
+    assert response.status == 413
+    assert [c async for c in response.chunks()] == []
+    response.release()
+    stalled.set()
+    assert await body_of(client, origin) == (200, b"ok")
+    assert connections == 2
