@@ -21,6 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
+from gateway.app import free_port
+
+__all__ = ["free_port"]  # re-exported for the harness's other modules
+
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -164,12 +168,6 @@ def _stop_group(popen: subprocess.Popen[bytes], timeout: float) -> None:
         os.killpg(popen.pid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
         popen.wait(timeout)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
 
 
 def tcp_open(host: str, port: int) -> bool:

@@ -301,7 +301,7 @@ def _bound_port(runner: web.BaseRunner) -> int:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for the demo and tests)."""
+    """A port that was free a moment ago (for tests and the benchmark harness)."""
     with socket.socket() as sock:
         sock.bind((host, 0))
         return int(sock.getsockname()[1])

@@ -60,7 +60,6 @@ _NOT_COPIED_UPSTREAM = HOP_BY_HOP | {
     "x-forwarded-proto",
     "x-forwarded-host",
 }
-_READ_CHUNK = 64 * 1024
 _INLINE_BODY_BYTES = 64 * 1024
 
 
@@ -157,33 +156,22 @@ def copy_response_headers(
     headers[VARIANT_HEADER] = variant.value
 
 
-async def read_body(request: web.BaseRequest, limit: int) -> bytes:
-    """The whole body, refusing at once anything past ``limit`` bytes."""
-    length = request.content_length
-    if length is not None and length > limit:
-        raise BodyTooLarge
-    chunks: list[bytes] = []
-    size = 0
-    content = request.content
-    while True:
-        chunk = await content.read(_READ_CHUNK)
-        if not chunk:
-            break
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 async def limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
-    """A chunked request body streamed upstream, cut off past ``limit`` bytes."""
+    """A body as it arrives, cut off past ``limit`` bytes."""
     size = 0
     async for chunk in content.iter_any():
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge
         yield chunk
+
+
+async def read_body(request: web.BaseRequest, limit: int) -> bytes:
+    """The whole body, refusing at once anything past ``limit`` bytes."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise BodyTooLarge
+    return b"".join([chunk async for chunk in limited_stream(request.content, limit)])
 
 
 class LoadTracer(Protocol):
@@ -207,7 +195,9 @@ class Exchange:
     pool: BackendPool
     metrics: RouteMetrics
     started: float
-    body: bytes | None = None  # set when the body was read to match on its model
+    # The whole request body, when it was read at once (to match on its model, or small
+    # enough to send in one write); None while it streams.
+    body: bytes | None = None
     mirror: ShadowPolicy | None = None
     request_copy: BoundedCopy | None = None
     answer_copy: BoundedCopy | None = None
@@ -327,9 +317,9 @@ class Proxy:
             return request_id
         return policy.route_key.extract(request, request_id)
 
-    def _request_body(self, exchange: Exchange) -> tuple[BodySource, int | None] | GatewayError:
+    def _request_body(self, exchange: Exchange) -> tuple[BodySource, int | None]:
         """What to send upstream as the body (and its length when known), copying it for
-        the shadow when the request is mirrored."""
+        the shadow when the request is mirrored. Raises BodyTooLarge."""
         request = exchange.request
         mirror = exchange.mirror
         if exchange.body is not None:
@@ -338,7 +328,7 @@ class Proxy:
             return None, None
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
-            return BODY_TOO_LARGE
+            raise BodyTooLarge
         content = request.content
         if length is not None and length <= _INLINE_BODY_BYTES and content.is_eof():
             # Small and fully received (the usual JSON inference call): sent with the
@@ -366,6 +356,10 @@ class Proxy:
     async def _forward(self, exchange: Exchange) -> web.StreamResponse:
         pool, metrics = exchange.pool, exchange.metrics
         request, request_id, started = exchange.request, exchange.request_id, exchange.started
+        try:
+            data, length = self._request_body(exchange)
+        except BodyTooLarge:
+            return self._too_large(metrics, request_id, started)
         endpoint = pool.pick()
         if endpoint is None:
             metrics.upstream_error("no_healthy_endpoint")
@@ -373,10 +367,6 @@ class Proxy:
                 metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
                 request_id, started,
             )  # fmt: skip
-        body = self._request_body(exchange)
-        if isinstance(body, GatewayError):
-            return self._too_large(metrics, request_id, started)
-        data, length = body
 
         headers = upstream_request_headers(request, self.request_id_header, request_id)
         endpoint.active += 1

@@ -26,7 +26,7 @@ from gateway.core.compare import Answer, CompareSettings, Comparison, TextMatch,
 from gateway.core.compare import compare as compare_answers
 from gateway.core.extract import Protocol
 from gateway.core.split import bucket_of, threshold
-from gateway.core.stats import ShadowOutcome, ShadowStats, StatsSettings
+from gateway.core.stats import ShadowOutcome, ShadowStats, StatsSettings, render_value
 from gateway.h1 import UpstreamClient, UpstreamError
 from gateway.keys import KeySource
 from gateway.metrics import Metrics
@@ -330,8 +330,8 @@ class ShadowRunner:
             {
                 "path": f.path,
                 "reason": f.reason.value,
-                "champion": _jsonable(f.champion),
-                "shadow": _jsonable(f.shadow),
+                "champion": render_value(f.champion, 512),
+                "shadow": render_value(f.shadow, 512),
             }
             for f in comparison.mismatches[:32]
         ]
@@ -343,9 +343,3 @@ class ShadowRunner:
                 handle.write(line + b"\n")
         except OSError as error:
             log.warning("cannot append to mismatch log %s: %s", path, error)
-
-
-def _jsonable(value: object) -> object:
-    from gateway.core.stats import render_value
-
-    return render_value(value, 512)  # type: ignore[arg-type]

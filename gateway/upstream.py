@@ -41,9 +41,6 @@ class Endpoint:
         """The request target: raw_path is kept byte-exact, as the client encoded it."""
         return self.base_path + raw_path
 
-    def url(self, raw_path: str) -> URL:
-        return URL(self.base + raw_path, encoded=True)
-
 
 @dataclass(slots=True)
 class BackendPool:

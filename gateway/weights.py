@@ -27,12 +27,12 @@ def weight_key(route: str) -> str:
 
 
 def stored_weight(route: RouteRuntime, value: Mapping[str, Any]) -> float | None:
-    """The stored weight to apply to ``route``, or None if the record does not apply."""
+    """The stored weight to apply to ``route``, or None if the record is not a valid one.
+    (Whether it is stale, its config weight changed since, is restore()'s question.)"""
     weight = value.get("challenger_weight")
-    based_on = value.get("config_weight")
     if isinstance(weight, bool) or not isinstance(weight, int | float):
         return None
-    if not 0.0 <= weight <= 1.0 or based_on != route.config.split.challenger_weight:
+    if not 0.0 <= weight <= 1.0:
         return None
     if route.challenger is None and weight > 0:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
@@ -38,13 +39,14 @@ async def _wait_until_up(session: aiohttp.ClientSession, admin: str, deadline: f
     raise AssertionError("gateway did not become ready")
 
 
-async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
-    start_app: StartApp, tmp_path: Path
-) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(1.5)
-        return web.json_response({"ok": request.headers["X-Request-ID"]})
-
+async def _gateway_in_front_of(
+    slow: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    start_app: StartApp,
+    tmp_path: Path,
+    *,
+    capture: bool,
+) -> tuple[asyncio.subprocess.Process, int, str]:
+    """A `gateway run` process routing everything to an upstream serving POST /slow."""
     app = web.Application()
     app.router.add_post("/slow", slow)
     upstream = await start_app(app)
@@ -56,8 +58,18 @@ async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
         admin={"port": admin_port},
         state={"path": str(tmp_path / "state.db")},
     )
-    process = await spawn_gateway(document, tmp_path)
-    admin = f"http://127.0.0.1:{admin_port}"
+    process = await spawn_gateway(document, tmp_path, capture=capture)
+    return process, port, f"http://127.0.0.1:{admin_port}"
+
+
+async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(1.5)
+        return web.json_response({"ok": request.headers["X-Request-ID"]})
+
+    process, port, admin = await _gateway_in_front_of(slow, start_app, tmp_path, capture=True)
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -93,19 +105,7 @@ async def test_sigterm_stops_accepting_new_connections(start_app: StartApp, tmp_
         await release.wait()
         return web.Response(text="done")
 
-    app = web.Application()
-    app.router.add_post("/slow", slow)
-    upstream = await start_app(app)
-    port, admin_port = free_port(), free_port()
-    document = gateway_document(
-        {"one": {"url": upstream}},
-        [{"name": "s", "match": {"path_prefix": "/"}, "champion": "one"}],
-        server={"port": port},
-        admin={"port": admin_port},
-        state={"path": str(tmp_path / "state.db")},
-    )
-    process = await spawn_gateway(document, tmp_path, capture=False)
-    admin = f"http://127.0.0.1:{admin_port}"
+    process, port, admin = await _gateway_in_front_of(slow, start_app, tmp_path, capture=False)
     try:
         async with aiohttp.ClientSession() as session:
             await _wait_until_up(session, admin, time.monotonic() + 15)
