@@ -18,6 +18,7 @@ from gateway.core.compare import (
     CompareSettings,
     Comparison,
     FieldResult,
+    Metrics,
     Outcome,
     Reason,
     TextMatch,
@@ -592,3 +593,60 @@ def test_compare_extracted_reuses_extractions_without_a_status_field() -> None:
     assert paths(result.fields) == {"$.predictions"}
     assert result.outcome is Outcome.MISMATCH
     assert compare_extracted(champion, champion).outcome is Outcome.MATCH
+
+
+# Entries that exercise every branch of the vector decision: equal, close, far, huge
+# (the sum overflows though every entry is finite), and non-finite ones.
+vector_entries = st.sampled_from([0.0, 0.5, 0.5000001, 1.0, -2.0, 1e308, -1e308]) | st.floats(
+    allow_nan=True, allow_infinity=True
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pair=st.integers(min_value=1, max_value=6).flatmap(
+        lambda n: st.tuples(
+            st.lists(vector_entries, min_size=n, max_size=n),
+            st.lists(vector_entries, min_size=n, max_size=n),
+        )
+    ),
+    s=all_settings,
+)
+def test_vector_decision_agrees_with_the_full_metrics(
+    pair: tuple[list[float], list[float]], s: CompareSettings
+) -> None:
+    # The hot path decides from the configured criterion alone (with shortcuts for equal
+    # and all-finite vectors); the metrics, computed on demand, must tell the same story.
+    a, b = vec(pair[0]), vec(pair[1])
+    result = compare_values("$.v", a, b, s)
+    metrics = result.metrics
+    non_finite_disagree = any(
+        not (math.isfinite(x) and math.isfinite(y))
+        and not (x == y or (math.isnan(x) and math.isnan(y)))
+        for x, y in zip(a.values, b.values, strict=True)
+    )
+    if non_finite_disagree:
+        assert (result.matched, result.reason) == (False, Reason.NON_FINITE)
+        return
+    expected = {
+        VectorMatch.TOLERANCE: metrics.mismatched_elements == 0,
+        VectorMatch.ARGMAX: metrics.argmax_agreement == 1.0,
+        VectorMatch.TOPK: metrics.topk_agreement == 1.0,
+        VectorMatch.COSINE: metrics.cosine is not None and metrics.cosine >= s.min_cosine,
+    }[s.vector_match]
+    assert result.matched is expected
+    assert result.reason is (Reason.AGREE if expected else Reason.VALUE)
+
+
+def test_metrics_are_worked_out_only_for_what_has_them() -> None:
+    tight = CompareSettings(abs_tol=0.0, rel_tol=0.0)
+    status = compare(answer({"x": 1}, 200), answer({"x": 1}, 500), tight).fields[0]
+    assert status.path == STATUS_FIELD and status.metrics == Metrics()
+    text = compare_values("$.t", "hello world", "hello there", tight)
+    assert text.metrics.common_prefix == 6
+    assert compare_values("$.t", "same", "same", tight).metrics == Metrics()
+    kind = compare_values("$.k", 1.0, "1", tight)
+    assert (kind.reason, kind.metrics) == (Reason.KIND, Metrics())
+    equal = compare_values("$.v", vec([0.2, 0.8]), vec([0.2, 0.8]), tight)
+    assert equal.matched
+    assert (equal.metrics.cosine, equal.metrics.mismatched_elements) == (1.0, 0)

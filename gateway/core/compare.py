@@ -35,6 +35,7 @@ import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gateway.core.extract import (
     Extracted,
@@ -113,17 +114,6 @@ NO_METRICS = Metrics()
 
 
 @dataclass(frozen=True, slots=True)
-class FieldResult:
-    path: str
-    kind: FieldKind
-    matched: bool
-    reason: Reason
-    champion: Value | Missing
-    shadow: Value | Missing
-    metrics: Metrics = NO_METRICS
-
-
-@dataclass(frozen=True, slots=True)
 class Comparison:
     outcome: Outcome
     fields: tuple[FieldResult, ...]
@@ -167,6 +157,27 @@ class CompareSettings:
 DEFAULT_SETTINGS = CompareSettings()
 
 
+class FieldResult(NamedTuple):
+    """One field's verdict.
+
+    A tuple rather than a dataclass: a comparison builds one per field, on the event
+    loop. How far apart the values are (``metrics``) is worked out only when asked for;
+    deciding ``matched`` needs just the configured criterion.
+    """
+
+    path: str
+    kind: FieldKind
+    matched: bool
+    reason: Reason
+    champion: Value | Missing
+    shadow: Value | Missing
+    settings: CompareSettings = DEFAULT_SETTINGS
+
+    @property
+    def metrics(self) -> Metrics:
+        return measure(self)
+
+
 def compare(
     champion: Answer, shadow: Answer, settings: CompareSettings = DEFAULT_SETTINGS
 ) -> Comparison:
@@ -175,10 +186,8 @@ def compare(
         return Comparison(Outcome.MISMATCH, (status,))
     left = extract(champion.body, champion.content_type, settings.protocol)
     right = extract(shadow.body, shadow.content_type, settings.protocol)
-    bodies = compare_extracted(left, right, settings)
-    return Comparison(
-        bodies.outcome, (status, *bodies.fields), bodies.champion_protocol, bodies.shadow_protocol
-    )
+    fields = (status, *diff_fields(left.fields, right.fields, settings))
+    return Comparison(_outcome(fields), fields, left.protocol, right.protocol)
 
 
 def compare_extracted(
@@ -186,8 +195,11 @@ def compare_extracted(
 ) -> Comparison:
     """Compare two already extracted bodies (no ``@status`` field)."""
     fields = diff_fields(champion.fields, shadow.fields, settings)
-    outcome = Outcome.MATCH if all(f.matched for f in fields) else Outcome.MISMATCH
-    return Comparison(outcome, fields, champion.protocol, shadow.protocol)
+    return Comparison(_outcome(fields), fields, champion.protocol, shadow.protocol)
+
+
+def _outcome(fields: tuple[FieldResult, ...]) -> Outcome:
+    return Outcome.MATCH if all(f.matched for f in fields) else Outcome.MISMATCH
 
 
 def _compare_status(champion: int, shadow: int) -> FieldResult:
@@ -207,43 +219,65 @@ def diff_fields(
             continue
         other = shadow.get(path, MISSING)
         if other is MISSING:
-            results.append(_one_sided(path, value, Reason.ONLY_CHAMPION))
+            results.append(_one_sided(path, value, Reason.ONLY_CHAMPION, settings))
         else:
             results.append(compare_values(path, value, other, settings))
     for path, other in shadow.items():
         if path not in champion and path not in ignored:
-            results.append(_one_sided(path, other, Reason.ONLY_SHADOW))
+            results.append(_one_sided(path, other, Reason.ONLY_SHADOW, settings))
     return tuple(results)
 
 
-def _one_sided(path: str, value: Value, reason: Reason) -> FieldResult:
+def _one_sided(path: str, value: Value, reason: Reason, settings: CompareSettings) -> FieldResult:
     champion: Value | Missing = value if reason is Reason.ONLY_CHAMPION else MISSING
     shadow: Value | Missing = value if reason is Reason.ONLY_SHADOW else MISSING
-    return FieldResult(path, kind_of(value), False, reason, champion, shadow)
+    return FieldResult(path, kind_of(value), False, reason, champion, shadow, settings)
 
 
 def compare_values(path: str, a: Value, b: Value, settings: CompareSettings) -> FieldResult:
     kind = kind_of(a)
     if kind is not kind_of(b):
-        return FieldResult(path, kind, False, Reason.KIND, a, b)
-    if kind in (FieldKind.NULL, FieldKind.BOOL, FieldKind.OBJECT):
-        # Singletons (None, True, False, Empty.OBJECT): identity is equality.
-        matched = a is b
-        reason, metrics = (Reason.AGREE if matched else Reason.VALUE), NO_METRICS
-    elif isinstance(a, int | float) and isinstance(b, int | float):
-        matched, reason, metrics = _compare_numbers(a, b, settings)
-    elif isinstance(a, Tensor) and isinstance(b, Tensor):
-        matched, reason, metrics = _compare_tensors(a, b, settings)
-    elif isinstance(a, str) and isinstance(b, str):
-        matched, reason, metrics = _compare_text(a, b, settings.text_match)
-    elif isinstance(a, bytes) and isinstance(b, bytes):
-        matched, reason, metrics = _compare_exact(a, b)
-    else:  # pragma: no cover - kind_of() covers every Value
-        raise TypeError(f"cannot compare {a!r} with {b!r}")
-    return FieldResult(path, kind, matched, reason, a, b, metrics)
+        return FieldResult(path, kind, False, Reason.KIND, a, b, settings)
+    if kind is FieldKind.NUMBER:
+        assert isinstance(a, int | float) and isinstance(b, int | float)
+        matched, reason = _decide_numbers(a, b, settings)
+    elif kind is FieldKind.VECTOR:
+        assert isinstance(a, Tensor) and isinstance(b, Tensor)
+        matched, reason = _decide_tensors(a, b, settings)
+    elif kind is FieldKind.TEXT:
+        assert isinstance(a, str) and isinstance(b, str)
+        matched = _normalize(a, settings.text_match) == _normalize(b, settings.text_match)
+        reason = Reason.AGREE if matched else Reason.VALUE
+    else:
+        # Bytes compare by equality; null, booleans and {} are singletons, for which
+        # equality is identity.
+        matched = a == b
+        reason = Reason.AGREE if matched else Reason.VALUE
+    return FieldResult(path, kind, matched, reason, a, b, settings)
 
 
-_Decision = tuple[bool, Reason, Metrics]
+def measure(result: FieldResult) -> Metrics:
+    """How far apart a field's two values are (for reports; ``matched`` is decided
+    without this)."""
+    a, b, s = result.champion, result.shadow, result.settings
+    if result.reason in (Reason.KIND, Reason.ONLY_CHAMPION, Reason.ONLY_SHADOW, Reason.SHAPE):
+        return NO_METRICS
+    if result.path == STATUS_FIELD:
+        return NO_METRICS
+    if isinstance(a, Tensor) and isinstance(b, Tensor):
+        return _tensor_metrics(a, b, s)
+    if result.kind is FieldKind.NUMBER:
+        assert isinstance(a, int | float) and isinstance(b, int | float)
+        abs_error, rel_error = _errors(a, b)
+        return Metrics(abs_error=abs_error, rel_error=rel_error)
+    if isinstance(a, str) and isinstance(b, str):
+        a, b = _normalize(a, s.text_match), _normalize(b, s.text_match)
+    if isinstance(a, str | bytes) and isinstance(b, str | bytes) and a != b:
+        return Metrics(common_prefix=_common_prefix(a, b))
+    return NO_METRICS
+
+
+_Decision = tuple[bool, Reason]
 
 
 # --------------------------------------------------------------------------- numbers
@@ -281,13 +315,11 @@ def _errors(a: float, b: float) -> tuple[float | None, float | None]:
     return diff, (diff / scale if scale else 0.0)
 
 
-def _compare_numbers(a: float, b: float, s: CompareSettings) -> _Decision:
-    abs_error, rel_error = _errors(a, b)
-    metrics = Metrics(abs_error=abs_error, rel_error=rel_error)
+def _decide_numbers(a: float, b: float, s: CompareSettings) -> _Decision:
     if numbers_close(a, b, s.abs_tol, s.rel_tol):
-        return True, Reason.AGREE, metrics
+        return True, Reason.AGREE
     finite = math.isfinite(a) and math.isfinite(b)
-    return False, (Reason.VALUE if finite else Reason.NON_FINITE), metrics
+    return False, (Reason.VALUE if finite else Reason.NON_FINITE)
 
 
 # --------------------------------------------------------------------------- vectors
@@ -333,45 +365,65 @@ def cosine_similarity(a: tuple[float, ...], b: tuple[float, ...]) -> float:
     return max(-1.0, min(1.0, dot / math.sqrt(norm_a * norm_b)))
 
 
-def _compare_tensors(a: Tensor, b: Tensor, s: CompareSettings) -> _Decision:
+def _decide_tensors(a: Tensor, b: Tensor, s: CompareSettings) -> _Decision:
+    """Shape, then non-finite entries, then only the configured criterion."""
     if a.shape != b.shape:
-        return False, Reason.SHAPE, NO_METRICS
-    non_finite_agree = True
-    max_abs = 0.0
-    outside = 0
-    for x, y in zip(a.values, b.values, strict=True):
-        if math.isfinite(x) and math.isfinite(y):
-            max_abs = max(max_abs, abs(x - y))
-        elif not _same_non_finite(x, y):
-            non_finite_agree = False
-        if not numbers_close(x, y, s.abs_tol, s.rel_tol):
-            outside += 1
-    rows_a, rows_b = a.rows(), b.rows()
-    k = min(s.top_k, a.row_length)
-    argmax_same = [_argmax(x) == _argmax(y) for x, y in zip(rows_a, rows_b, strict=True)]
-    overlaps = [len(_top_k(x, k) & _top_k(y, k)) / k for x, y in zip(rows_a, rows_b, strict=True)]
-    metrics = Metrics(
-        max_abs_error=max_abs,
-        mismatched_elements=outside,
-        cosine=cosine_similarity(a.values, b.values),
-        # A tensor with no rows (an empty last axis) agrees vacuously.
-        argmax_agreement=sum(argmax_same) / len(argmax_same) if argmax_same else 1.0,
-        topk_agreement=sum(overlaps) / len(overlaps) if overlaps else 1.0,
-    )
-    if not non_finite_agree:
-        return False, Reason.NON_FINITE, metrics
-    matched = _vector_criterion(s, metrics)
-    return matched, (Reason.AGREE if matched else Reason.VALUE), metrics
-
-
-def _vector_criterion(s: CompareSettings, m: Metrics) -> bool:
+        return False, Reason.SHAPE
+    x, y = a.values, b.values
+    if x == y:
+        # Equal element by element (a NaN never equals itself, so none is here): every
+        # criterion agrees, and no Python-level loop is needed to say so.
+        return True, Reason.AGREE
+    # A finite sum (computed in C) means every entry is finite; only an overflow or a
+    # non-finite entry sends us through the per-element check.
+    all_finite = math.isfinite(sum(x)) and math.isfinite(sum(y))
+    if not all_finite and not all(map(_same_non_finite_or_finite, x, y)):
+        return False, Reason.NON_FINITE
     if s.vector_match is VectorMatch.TOLERANCE:
-        return m.mismatched_elements == 0
-    if s.vector_match is VectorMatch.ARGMAX:
-        return m.argmax_agreement == 1.0
-    if s.vector_match is VectorMatch.TOPK:
-        return m.topk_agreement == 1.0
-    return m.cosine is not None and m.cosine >= s.min_cosine
+        matched = _mismatched_elements(x, y, s) == 0
+    elif s.vector_match is VectorMatch.ARGMAX:
+        matched = _argmax_agreement(a, b) == 1.0
+    elif s.vector_match is VectorMatch.TOPK:
+        matched = _topk_agreement(a, b, s.top_k) == 1.0
+    else:
+        matched = cosine_similarity(x, y) >= s.min_cosine
+    return matched, (Reason.AGREE if matched else Reason.VALUE)
+
+
+def _same_non_finite_or_finite(x: float, y: float) -> bool:
+    return (math.isfinite(x) and math.isfinite(y)) or _same_non_finite(x, y)
+
+
+def _mismatched_elements(x: tuple[float, ...], y: tuple[float, ...], s: CompareSettings) -> int:
+    return sum(not numbers_close(p, q, s.abs_tol, s.rel_tol) for p, q in zip(x, y, strict=True))
+
+
+def _argmax_agreement(a: Tensor, b: Tensor) -> float:
+    same = [_argmax(x) == _argmax(y) for x, y in zip(a.rows(), b.rows(), strict=True)]
+    # A tensor with no rows (an empty last axis) agrees vacuously.
+    return sum(same) / len(same) if same else 1.0
+
+
+def _topk_agreement(a: Tensor, b: Tensor, top_k: int) -> float:
+    k = min(top_k, a.row_length)
+    overlaps = [
+        len(_top_k(x, k) & _top_k(y, k)) / k for x, y in zip(a.rows(), b.rows(), strict=True)
+    ]
+    return sum(overlaps) / len(overlaps) if overlaps else 1.0
+
+
+def _tensor_metrics(a: Tensor, b: Tensor, s: CompareSettings) -> Metrics:
+    finite = [
+        abs(x - y) for x, y in zip(a.values, b.values, strict=True)
+        if math.isfinite(x) and math.isfinite(y)
+    ]  # fmt: skip
+    return Metrics(
+        max_abs_error=max(finite, default=0.0),
+        mismatched_elements=_mismatched_elements(a.values, b.values, s),
+        cosine=cosine_similarity(a.values, b.values),
+        argmax_agreement=_argmax_agreement(a, b),
+        topk_agreement=_topk_agreement(a, b, s.top_k),
+    )
 
 
 # --------------------------------------------------------------------------- text, bytes
@@ -389,13 +441,5 @@ def _common_prefix(a: str | bytes, b: str | bytes) -> int:
     return low
 
 
-def _compare_text(a: str, b: str, mode: TextMatch) -> _Decision:
-    if mode is TextMatch.WHITESPACE:
-        a, b = " ".join(a.split()), " ".join(b.split())
-    return _compare_exact(a, b)
-
-
-def _compare_exact(a: str | bytes, b: str | bytes) -> _Decision:
-    if a == b:
-        return True, Reason.AGREE, NO_METRICS
-    return False, Reason.VALUE, Metrics(common_prefix=_common_prefix(a, b))
+def _normalize(text: str, mode: TextMatch) -> str:
+    return " ".join(text.split()) if mode is TextMatch.WHITESPACE else text

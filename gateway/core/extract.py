@@ -99,6 +99,9 @@ class FieldKind(enum.StrEnum):
 
 
 def kind_of(value: Value) -> FieldKind:
+    kind = _KIND_OF_TYPE.get(type(value))
+    if kind is not None:  # the exact types JSON decoding produces: one lookup
+        return kind
     # bool before number: bool is an int subclass, but true and 1 are different JSON.
     if value is None:
         return FieldKind.NULL
@@ -113,6 +116,18 @@ def kind_of(value: Value) -> FieldKind:
     if isinstance(value, Tensor):
         return FieldKind.VECTOR
     return FieldKind.OBJECT
+
+
+_KIND_OF_TYPE: dict[type, FieldKind] = {
+    type(None): FieldKind.NULL,
+    bool: FieldKind.BOOL,
+    int: FieldKind.NUMBER,
+    float: FieldKind.NUMBER,
+    str: FieldKind.TEXT,
+    bytes: FieldKind.BYTES,
+    Tensor: FieldKind.VECTOR,
+    Empty: FieldKind.OBJECT,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,11 +145,11 @@ class Extracted:
 # --------------------------------------------------------------------------- paths
 
 ROOT = "$"
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 
 def key_path(parent: str, key: str) -> str:
-    if _IDENTIFIER.match(key):
+    # An ASCII identifier is exactly [A-Za-z_][A-Za-z0-9_]*: rendered in dotted form.
+    if key.isascii() and key.isidentifier():
         return f"{parent}.{key}"
     # json, not orjson: keys read by the NaN fallback may hold lone surrogates.
     return f"{parent}[{json.dumps(key, ensure_ascii=False)}]"
@@ -260,7 +275,7 @@ def flatten(value: Any, path: str, out: Fields) -> None:
         if isinstance(node, dict):
             if not node:
                 out[where] = Empty.OBJECT
-            for key in reversed(list(node)):
+            for key in reversed(node):
                 stack.append((key_path(where, str(key)), node[key]))
         elif isinstance(node, list):
             tensor = _as_tensor(node)
