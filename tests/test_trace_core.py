@@ -10,7 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from gateway.core.trace import (
+    _SMALL_COUNTS,
     ModelTrace,
+    exact_bucket,
     merge,
     round_half_away,
     serialize,
@@ -49,6 +51,25 @@ def test_bucket_at_documented_points(tokens: int, bucket: int) -> None:
 
 def test_negative_tokens_count_as_zero() -> None:
     assert token_bucket(-7) == 0
+
+
+def test_lookup_table_for_small_counts_agrees_with_exact_arithmetic() -> None:
+    # The request path looks small counts up by index; every entry must be the exact one,
+    # and counts just past the table must go on without a step.
+    for tokens in range(_SMALL_COUNTS + 64):
+        assert token_bucket(tokens) == exact_bucket(tokens), tokens
+
+
+def test_done_buckets_counts_inside_and_beyond_the_table_alike() -> None:
+    trace = ModelTrace(10, 0.0)
+    big = _SMALL_COUNTS + 5
+    for pair in [(3, 7), (big, 7), (3, big), (-1, 7)]:
+        trace.add(1.0)
+        trace.done(1.0, *pair)
+    window = trace.take_finished(10.0)[0].trace
+    expected = {f"{exact_bucket(max(i, 0))}:{exact_bucket(max(o, 0))}" for i, o in
+                [(3, 7), (big, 7), (3, big), (-1, 7)]}
+    assert {k for k in window if not k.startswith("meta_")} == expected
 
 
 @pytest.mark.parametrize(

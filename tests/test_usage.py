@@ -84,8 +84,7 @@ def test_large_answer_keeps_only_head_and_tail() -> None:
         b'", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
     ]:
         sniffer.feed(chunk)
-        kept = sum(map(len, sniffer._head)) + sum(map(len, sniffer._tail))
-        assert kept <= HEAD_BYTES + TAIL_BYTES + 2000
+        assert sniffer.kept_bytes <= HEAD_BYTES + TAIL_BYTES + 2000
     assert sniffer.usage() == Usage(3, 4)
 
 

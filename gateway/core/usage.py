@@ -28,14 +28,45 @@ NO_USAGE = Usage()
 
 
 class UsageSniffer:
-    """Keeps the head and tail of a byte stream, bounded, without copying chunks."""
+    """Keeps the head and tail of a byte stream, bounded, without copying chunks.
 
-    __slots__ = ("_dropped", "_head", "_head_size", "_tail", "_tail_size")
+    Most answers arrive in one chunk: that one is only referenced, and the head/tail
+    bookkeeping starts with the second.
+    """
+
+    __slots__ = ("_first", "_spill")
 
     def __init__(self) -> None:
+        self._first = b""
+        self._spill: _HeadAndTail | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        spill = self._spill
+        if spill is None:
+            if not self._first:
+                self._first = chunk
+                return
+            spill = self._spill = _HeadAndTail(self._first)
+        spill.feed(chunk)
+
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes referenced right now (bounded by about HEAD_BYTES + TAIL_BYTES)."""
+        return len(self._first) if self._spill is None else self._spill.kept_bytes
+
+    def usage(self) -> Usage:
+        if self._spill is None:
+            return usage_of_answer(self._first)
+        return self._spill.usage()
+
+
+class _HeadAndTail:
+    __slots__ = ("_dropped", "_head", "_head_size", "_tail", "_tail_size")
+
+    def __init__(self, first: bytes) -> None:
         self._dropped = False
-        self._head: list[bytes] = []
-        self._head_size = 0
+        self._head: list[bytes] = [first]
+        self._head_size = len(first)
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
 
@@ -52,15 +83,14 @@ class UsageSniffer:
             self._tail_size -= len(tail.popleft())
             self._dropped = True
 
+    @property
+    def kept_bytes(self) -> int:
+        return self._head_size + self._tail_size
+
     def usage(self) -> Usage:
         head = b"".join(self._head)
         if not self._tail:
-            if head[:1] == b"{":
-                # Most answers are one small JSON object: one parse beats a scan.
-                found = _usage_of_document(head)
-                if found is not None:
-                    return found
-            return find_usage(head) or NO_USAGE
+            return usage_of_answer(head)
         tail = b"".join(self._tail)
         if not self._dropped:
             # head + tail is the whole answer: a usage object split between them counts.
@@ -68,17 +98,30 @@ class UsageSniffer:
         return find_usage(tail) or find_usage(head) or NO_USAGE
 
 
-def _usage_of_document(data: bytes) -> Usage | None:
-    try:
-        document = orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-    if not isinstance(document, dict):
-        return None
-    usage = document.get("usage")
-    if not isinstance(usage, dict):
-        return NO_USAGE
-    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+def usage_of_answer(data: bytes) -> Usage:
+    """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
+    else holding a ``"usage": {...}`` (an event stream)."""
+    if data[:1] == b"{":
+        # Most answers are one small JSON object: one parse (in C) beats a scan.
+        try:
+            document = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            document = None
+        if type(document) is dict:
+            usage = document.get("usage")
+            if type(usage) is not dict:
+                return NO_USAGE
+            return _usage_from(usage)
+    return find_usage(data) or NO_USAGE
+
+
+def _usage_from(usage: dict[str, object]) -> Usage:
+    # type() is int: not a bool, not a float; negative counts are a broken server's.
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return Usage(
+        prompt if type(prompt) is int and prompt > 0 else 0,
+        completion if type(completion) is int and completion > 0 else 0,
+    )
 
 
 def find_usage(data: bytes) -> Usage | None:
@@ -113,7 +156,7 @@ def _usage_at(data: bytes, start: int) -> Usage | None:
         return None
     if not isinstance(usage, dict):
         return None
-    return Usage(_count(usage.get("prompt_tokens")), _count(usage.get("completion_tokens")))
+    return _usage_from(usage)
 
 
 def _matching_brace(data: bytes, start: int) -> int:
@@ -138,9 +181,3 @@ def _matching_brace(data: bytes, start: int) -> int:
                 return index
         index += 1
     return -1
-
-
-def _count(value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        return 0
-    return value
