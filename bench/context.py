@@ -167,7 +167,10 @@ class Bench:
             redis_url=self.args.redis_url,
             trace_prefix=f"gwbench{self.run_id}{name.replace('x', '_')}",
         )
-        document = gateway_configs.scale_document(feature, listen, upstream_urls, routes)
+        shadow_url = self.upstream.challenger_url if self.upstream is not None else None
+        document = gateway_configs.scale_document(
+            feature, listen, upstream_urls, routes, shadow_url=shadow_url
+        )
         config = gateway_configs.write(document, self.workdir / f"gateway-{name}.yaml")
         child = self.children.start(
             f"gateway-{name}",
@@ -325,8 +328,13 @@ class Bench:
                 mirrored = metric_sum(text, "gateway_shadow_requests_total") or 0.0
                 if mirrored:
                     share = mirrored / requests if requests else 0.0
+                    compared = sum(
+                        metric_sum(text, "gateway_shadow_requests_total", f'outcome="{o}"') or 0
+                        for o in ("match", "mismatch")
+                    )
                     target.measured.notes.append(
-                        f"shadow active ({mirrored:,.0f} mirrored, {share:.1%})"
+                        f"shadow active ({mirrored:,.0f} mirrored, {share:.1%}; "
+                        f"{compared / mirrored:.0%} compared)"
                     )
                 else:
                     target.measured.notes.append(
@@ -383,11 +391,16 @@ def gateway_command() -> list[str]:
     return [sys.executable, "-m", "gateway.cli"]
 
 
-def metric_sum(text: str, name: str) -> float | None:
-    """Sum of a metric's samples in Prometheus text format; None when it has none."""
+def metric_sum(text: str, name: str, label: str = "") -> float | None:
+    """Sum of a metric's samples in Prometheus text format (those with ``label``, e.g.
+    ``outcome="match"``, when given); None when it has none."""
     total: float | None = None
     for line in text.splitlines():
-        if line.startswith(name) and line[len(name) : len(name) + 1] in ("{", " "):
+        if (
+            line.startswith(name)
+            and line[len(name) : len(name) + 1] in ("{", " ")
+            and label in line
+        ):
             total = (total or 0.0) + float(line.rsplit(" ", 1)[1])
     return total
 

@@ -1,7 +1,8 @@
 """Gateway config documents for each benchmarked feature set.
 
-All backends point at the same canned upstream, so the feature sets differ only in what
-the gateway does per request, never in what the upstream costs.
+Champion and challenger point at the same canned upstream, so the feature sets differ
+only in what the gateway does per request, never in what the upstream costs. The shadow
+target is the upstream's challenger port: same cost, an answer that differs a little.
 """
 
 from __future__ import annotations
@@ -88,16 +89,23 @@ def _backend(urls: list[str]) -> dict[str, Any]:
     return {"url": urls[0]} if len(urls) == 1 else {"endpoints": urls}
 
 
-def feature_document(feature: Feature, listen: Listen, upstream_urls: list[str]) -> dict[str, Any]:
-    """One route; champion, challenger and shadow are all the same upstream."""
-    return scale_document(feature, listen, upstream_urls, routes=1)
+def feature_document(
+    feature: Feature, listen: Listen, upstream_urls: list[str], shadow_url: str | None = None
+) -> dict[str, Any]:
+    """One route; champion and challenger are the same upstream."""
+    return scale_document(feature, listen, upstream_urls, routes=1, shadow_url=shadow_url)
 
 
 def scale_document(
-    feature: Feature, listen: Listen, upstream_urls: list[str], routes: int
+    feature: Feature,
+    listen: Listen,
+    upstream_urls: list[str],
+    routes: int,
+    shadow_url: str | None = None,
 ) -> dict[str, Any]:
     """``routes`` routes, each with its own champion/challenger (and shadow) backends of
-    ``len(upstream_urls)`` endpoints: one model per route, as a real deployment grows."""
+    ``len(upstream_urls)`` endpoints: one model per route, as a real deployment grows.
+    The shadow backend is ``shadow_url`` (default: the upstream)."""
     backends: dict[str, Any] = {}
     route_docs: list[dict[str, Any]] = []
     for i in range(routes):
@@ -113,7 +121,9 @@ def scale_document(
             route["challenger"] = f"{name}-v2"
             route["split"] = {"challenger_weight": SPLIT_WEIGHT}
         if feature.shadow:
-            backends[f"{name}-shadow"] = _backend(upstream_urls)
+            backends[f"{name}-shadow"] = _backend(
+                [shadow_url] if shadow_url is not None else upstream_urls
+            )
             route["shadow"] = {"target": f"{name}-shadow", "sample_rate": SHADOW_RATE}
         route_docs.append(route)
     return {**_sections(feature, listen), "backends": backends, "routes": route_docs}

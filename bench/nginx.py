@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping
 from pathlib import Path
 
 # Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
@@ -62,20 +62,26 @@ http {{
 """
 
 
-def canned_config(prefix: Path, ports: Sequence[int], body: bytes) -> str:
-    """Answers every request on every port with ``body`` (the request body is discarded)."""
-    text = body.decode()
-    if "'" in text or "\\" in text:
-        raise ValueError("the canned body must not need escaping in an nginx string")
-    listens = "\n".join(f"        listen 127.0.0.1:{port} backlog=4096;" for port in ports)
-    server = f"""    server {{
+def canned_config(prefix: Path, bodies: Mapping[int, bytes]) -> str:
+    """Answers every request on each port with that port's body (request bodies are
+    discarded)."""
+    by_body: dict[bytes, list[int]] = {}
+    for port, body in bodies.items():
+        by_body.setdefault(body, []).append(port)
+    servers = []
+    for body, ports in by_body.items():
+        text = body.decode()
+        if "'" in text or "\\" in text:
+            raise ValueError("a canned body must not need escaping in an nginx string")
+        listens = "\n".join(f"        listen 127.0.0.1:{port} backlog=4096;" for port in ports)
+        servers.append(f"""    server {{
 {listens}
         location / {{
             default_type application/json;
             return 200 '{text}';
         }}
-    }}"""
-    return _frame(prefix, server)
+    }}""")
+    return _frame(prefix, "\n".join(servers))
 
 
 def proxy_config(prefix: Path, port: int, upstream_host: str, upstream_port: int) -> str:

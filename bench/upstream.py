@@ -1,12 +1,17 @@
 """A fast local upstream that answers every request with the same JSON.
 
+One more port answers as a *challenger* would: the same answer with scores that moved a
+little (``CHALLENGER_BODY``). The shadow benchmark mirrors to it, so every comparison
+finds a real difference and takes the full path a real challenger costs, rather than the
+shortcut two identical answers get.
+
 nginx serves it when installed; otherwise a raw asyncio ``Protocol`` (on uvloop) does,
 with just enough HTTP/1.1 to keep connections alive: find the end of the headers, skip
 the body (Content-Length or chunked), write a prebuilt answer. No parser object, no
 handler, no allocation beyond the receive buffer, so it stays far ahead of any proxy
 put in front of it (``bench.run`` measures it directly to show that).
 
-Run alone: ``python -m bench.upstream --port 8001 [--port 8002 ...]``.
+Run alone: ``python -m bench.upstream --port 8001 [--port 8002 ...] [--challenger-port 8009]``.
 """
 
 from __future__ import annotations
@@ -14,14 +19,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import cast
 
 from bench import nginx
-from bench.procs import Child, Children, bench_env, tcp_open
+from bench.procs import Child, Children, bench_env, free_port, tcp_open
 
 # Shaped like a model server's answer, with OpenAI-style usage so that trace recording
 # has token counts to bucket.
@@ -29,14 +35,21 @@ CANNED_BODY = (
     b'{"id":"bench-1","model":"bench","predictions":[[0.12,0.88]],'
     b'"usage":{"prompt_tokens":12,"completion_tokens":3,"total_tokens":15}}'
 )
-_RESPONSE = (
-    b"HTTP/1.1 200 OK\r\n"
-    b"Server: bench-upstream\r\n"
-    b"Content-Type: application/json\r\n"
-    b"Content-Length: %d\r\n"
-    b"Connection: keep-alive\r\n"
-    b"\r\n" % len(CANNED_BODY)
-) + CANNED_BODY
+# A retrained model: same fields, scores off by 1e-4 (beyond the default tolerance).
+CHALLENGER_BODY = CANNED_BODY.replace(b"[[0.12,0.88]]", b"[[0.1201,0.8799]]")
+assert CHALLENGER_BODY != CANNED_BODY
+
+
+def http_response(body: bytes) -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\n"
+        b"Server: bench-upstream\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: %d\r\n"
+        b"Connection: keep-alive\r\n"
+        b"\r\n" % len(body)
+    ) + body
+
 
 _MAX_HEAD = 64 * 1024
 
@@ -98,9 +111,10 @@ def request_end(buf: bytearray) -> tuple[int, bool] | None:
 
 
 class CannedProtocol(asyncio.Protocol):
-    __slots__ = ("_buf", "_transport")
+    __slots__ = ("_buf", "_response", "_transport")
 
-    def __init__(self) -> None:
+    def __init__(self, response: bytes) -> None:
+        self._response = response
         self._buf = bytearray()
         self._transport: asyncio.Transport | None = None
 
@@ -134,7 +148,7 @@ class CannedProtocol(asyncio.Protocol):
             del buf[:consumed]
         if answered:
             # Pipelined requests get their answers in one write.
-            transport.write(_RESPONSE * answered)
+            transport.write(self._response * answered)
         if close:
             transport.close()
 
@@ -142,11 +156,17 @@ class CannedProtocol(asyncio.Protocol):
         self._transport = None
 
 
-async def serve(host: str, ports: Sequence[int]) -> None:
+async def serve(host: str, bodies: Mapping[int, bytes]) -> None:
     loop = asyncio.get_running_loop()
     servers = [
-        await loop.create_server(CannedProtocol, host, port, backlog=4096, reuse_address=True)
-        for port in ports
+        await loop.create_server(
+            functools.partial(CannedProtocol, http_response(body)),
+            host,
+            port,
+            backlog=4096,
+            reuse_address=True,
+        )
+        for port, body in bodies.items()
     ]
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -161,7 +181,12 @@ class Upstream:
     kind: str  # "nginx" or "python"
     host: str
     ports: tuple[int, ...]
+    challenger_port: int  # answers with CHALLENGER_BODY
     child: Child
+
+    @property
+    def challenger_url(self) -> str:
+        return f"http://{self.host}:{self.challenger_port}"
 
     @property
     def url(self) -> str:
@@ -179,34 +204,41 @@ def start_upstream(
     prefer: str = "auto",
     cpus: tuple[int, ...] | None = None,
 ) -> Upstream:
-    """Start the canned upstream on ``ports``: nginx when installed (unless prefer='python')."""
+    """Start the canned upstream on ``ports`` and a challenger port: nginx when installed
+    (unless prefer='python')."""
+    challenger = free_port()
+    bodies = {**dict.fromkeys(ports, CANNED_BODY), challenger: CHALLENGER_BODY}
     binary = nginx.nginx_binary() if prefer in ("auto", "nginx") else None
     if prefer == "nginx" and binary is None:
         raise RuntimeError("--upstream nginx: nginx is not installed")
     if binary is not None:
         prefix = children.workdir / "nginx-upstream"
-        args = nginx.prepare(prefix, nginx.canned_config(prefix, ports, CANNED_BODY))
+        args = nginx.prepare(prefix, nginx.canned_config(prefix, bodies))
         child = children.start("upstream-nginx", [binary, *args], cpus=cpus)
         kind = "nginx"
     else:
-        argv = [sys.executable, "-m", "bench.upstream"]
+        argv = [sys.executable, "-m", "bench.upstream", "--challenger-port", str(challenger)]
         for port in ports:
             argv += ["--port", str(port)]
         child = children.start("upstream-python", argv, cpus=cpus, env=bench_env())
         kind = "python"
-    children.wait_ready(child, lambda: all(tcp_open("127.0.0.1", p) for p in ports))
-    return Upstream(kind, "127.0.0.1", tuple(ports), child)
+    children.wait_ready(child, lambda: all(tcp_open("127.0.0.1", p) for p in bodies))
+    return Upstream(kind, "127.0.0.1", tuple(ports), challenger, child)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, action="append", required=True)
+    parser.add_argument("--challenger-port", type=int, default=None)
     args = parser.parse_args(argv)
     from bench.loop import run
 
+    bodies = dict.fromkeys(args.port, CANNED_BODY)
+    if args.challenger_port is not None:
+        bodies[args.challenger_port] = CHALLENGER_BODY
     with contextlib.suppress(KeyboardInterrupt):
-        run(serve(args.host, args.port))
+        run(serve(args.host, bodies))
     return 0
 
 
