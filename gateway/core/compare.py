@@ -31,11 +31,12 @@ Decisions, per kind of field:
 from __future__ import annotations
 
 import enum
+import functools
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 from gateway.core.extract import (
     Extracted,
@@ -88,6 +89,16 @@ class Missing(enum.Enum):
 
 MISSING = Missing.MISSING
 
+# Enum members the per-field code uses, as module constants: on Python 3.11 reading
+# ``Reason.AGREE`` costs about ten times a global lookup, and these run for every field
+# of every mirrored answer.
+_AGREE, _VALUE, _KIND = Reason.AGREE, Reason.VALUE, Reason.KIND
+_SHAPE, _NON_FINITE = Reason.SHAPE, Reason.NON_FINITE
+_ONLY_CHAMPION, _ONLY_SHADOW = Reason.ONLY_CHAMPION, Reason.ONLY_SHADOW
+_NUMBER, _VECTOR, _TEXT = FieldKind.NUMBER, FieldKind.VECTOR, FieldKind.TEXT
+_TOLERANCE, _ARGMAX, _TOPK = VectorMatch.TOLERANCE, VectorMatch.ARGMAX, VectorMatch.TOPK
+_WHITESPACE = TextMatch.WHITESPACE
+
 
 @dataclass(frozen=True, slots=True)
 class Answer:
@@ -139,6 +150,8 @@ class CompareSettings:
     top_k: int = 5
     text_match: TextMatch = TextMatch.EXACT
     ignored: PathMatcher = field(init=False, repr=False, compare=False)
+    # math.isclose with these tolerances, for all-finite vectors (map() calls it from C).
+    isclose: Callable[[float, float], bool] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("abs_tol", "rel_tol"):
@@ -152,6 +165,11 @@ class CompareSettings:
         # Frozen, so the derived matcher is set the way dataclasses set fields themselves.
         object.__setattr__(self, "ignore", tuple(self.ignore))
         object.__setattr__(self, "ignored", PathMatcher(self.ignore))
+        object.__setattr__(
+            self,
+            "isclose",
+            functools.partial(math.isclose, rel_tol=self.rel_tol, abs_tol=self.abs_tol),
+        )
 
 
 DEFAULT_SETTINGS = CompareSettings()
@@ -199,60 +217,63 @@ def compare_extracted(
 
 
 def _outcome(fields: tuple[FieldResult, ...]) -> Outcome:
-    return Outcome.MATCH if all(f.matched for f in fields) else Outcome.MISMATCH
+    for result in fields:
+        if not result.matched:
+            return Outcome.MISMATCH
+    return Outcome.MATCH
 
 
 def _compare_status(champion: int, shadow: int) -> FieldResult:
     same = champion == shadow
-    reason = Reason.AGREE if same else Reason.VALUE
-    return FieldResult(STATUS_FIELD, FieldKind.NUMBER, same, reason, champion, shadow)
+    reason = _AGREE if same else _VALUE
+    return FieldResult(STATUS_FIELD, _NUMBER, same, reason, champion, shadow)
 
 
 def diff_fields(
     champion: Mapping[str, Value], shadow: Mapping[str, Value], settings: CompareSettings
 ) -> tuple[FieldResult, ...]:
     """One result per field on either side, champion's order first, ignored fields left out."""
-    ignored = settings.ignored
+    ignored = settings.ignored if settings.ignore else None
     results: list[FieldResult] = []
     for path, value in champion.items():
-        if path in ignored:
+        if ignored is not None and path in ignored:
             continue
         other = shadow.get(path, MISSING)
         if other is MISSING:
-            results.append(_one_sided(path, value, Reason.ONLY_CHAMPION, settings))
+            results.append(_one_sided(path, value, _ONLY_CHAMPION, settings))
         else:
             results.append(compare_values(path, value, other, settings))
     for path, other in shadow.items():
-        if path not in champion and path not in ignored:
-            results.append(_one_sided(path, other, Reason.ONLY_SHADOW, settings))
+        if path not in champion and (ignored is None or path not in ignored):
+            results.append(_one_sided(path, other, _ONLY_SHADOW, settings))
     return tuple(results)
 
 
 def _one_sided(path: str, value: Value, reason: Reason, settings: CompareSettings) -> FieldResult:
-    champion: Value | Missing = value if reason is Reason.ONLY_CHAMPION else MISSING
-    shadow: Value | Missing = value if reason is Reason.ONLY_SHADOW else MISSING
+    champion: Value | Missing = value if reason is _ONLY_CHAMPION else MISSING
+    shadow: Value | Missing = value if reason is _ONLY_SHADOW else MISSING
     return FieldResult(path, kind_of(value), False, reason, champion, shadow, settings)
 
 
 def compare_values(path: str, a: Value, b: Value, settings: CompareSettings) -> FieldResult:
     kind = kind_of(a)
     if kind is not kind_of(b):
-        return FieldResult(path, kind, False, Reason.KIND, a, b, settings)
-    if kind is FieldKind.NUMBER:
-        assert isinstance(a, int | float) and isinstance(b, int | float)
-        matched, reason = _decide_numbers(a, b, settings)
-    elif kind is FieldKind.VECTOR:
-        assert isinstance(a, Tensor) and isinstance(b, Tensor)
-        matched, reason = _decide_tensors(a, b, settings)
-    elif kind is FieldKind.TEXT:
-        assert isinstance(a, str) and isinstance(b, str)
-        matched = _normalize(a, settings.text_match) == _normalize(b, settings.text_match)
-        reason = Reason.AGREE if matched else Reason.VALUE
+        return FieldResult(path, kind, False, _KIND, a, b, settings)
+    if a == b:
+        # Equal values agree under every criterion. (NaN never equals itself, and tensors
+        # of different shapes are unequal: both take the long way below.)
+        return FieldResult(path, kind, True, _AGREE, a, b, settings)
+    if kind is _NUMBER:
+        matched, reason = _decide_numbers(cast(float, a), cast(float, b), settings)
+    elif kind is _VECTOR:
+        matched, reason = _decide_tensors(cast(Tensor, a), cast(Tensor, b), settings)
+    elif kind is _TEXT and settings.text_match is _WHITESPACE:
+        matched = _normalize(cast(str, a), _WHITESPACE) == _normalize(cast(str, b), _WHITESPACE)
+        reason = _AGREE if matched else _VALUE
     else:
-        # Bytes compare by equality; null, booleans and {} are singletons, for which
-        # equality is identity.
-        matched = a == b
-        reason = Reason.AGREE if matched else Reason.VALUE
+        # Unequal bytes or text; null, booleans and {} are singletons, so unequal ones
+        # are different values.
+        matched, reason = False, _VALUE
     return FieldResult(path, kind, matched, reason, a, b, settings)
 
 
@@ -317,9 +338,9 @@ def _errors(a: float, b: float) -> tuple[float | None, float | None]:
 
 def _decide_numbers(a: float, b: float, s: CompareSettings) -> _Decision:
     if numbers_close(a, b, s.abs_tol, s.rel_tol):
-        return True, Reason.AGREE
+        return True, _AGREE
     finite = math.isfinite(a) and math.isfinite(b)
-    return False, (Reason.VALUE if finite else Reason.NON_FINITE)
+    return False, (_VALUE if finite else _NON_FINITE)
 
 
 # --------------------------------------------------------------------------- vectors
@@ -368,26 +389,28 @@ def cosine_similarity(a: tuple[float, ...], b: tuple[float, ...]) -> float:
 def _decide_tensors(a: Tensor, b: Tensor, s: CompareSettings) -> _Decision:
     """Shape, then non-finite entries, then only the configured criterion."""
     if a.shape != b.shape:
-        return False, Reason.SHAPE
+        return False, _SHAPE
     x, y = a.values, b.values
     if x == y:
         # Equal element by element (a NaN never equals itself, so none is here): every
         # criterion agrees, and no Python-level loop is needed to say so.
-        return True, Reason.AGREE
+        return True, _AGREE
     # A finite sum (computed in C) means every entry is finite; only an overflow or a
     # non-finite entry sends us through the per-element check.
     all_finite = math.isfinite(sum(x)) and math.isfinite(sum(y))
     if not all_finite and not all(map(_same_non_finite_or_finite, x, y)):
-        return False, Reason.NON_FINITE
-    if s.vector_match is VectorMatch.TOLERANCE:
-        matched = _mismatched_elements(x, y, s) == 0
-    elif s.vector_match is VectorMatch.ARGMAX:
+        return False, _NON_FINITE
+    criterion = s.vector_match
+    if criterion is _TOLERANCE:
+        # Entries of a tensor are floats: for finite ones, numbers_close is math.isclose.
+        matched = all(map(s.isclose, x, y)) if all_finite else _mismatched_elements(x, y, s) == 0
+    elif criterion is _ARGMAX:
         matched = _argmax_agreement(a, b) == 1.0
-    elif s.vector_match is VectorMatch.TOPK:
+    elif criterion is _TOPK:
         matched = _topk_agreement(a, b, s.top_k) == 1.0
     else:
         matched = cosine_similarity(x, y) >= s.min_cosine
-    return matched, (Reason.AGREE if matched else Reason.VALUE)
+    return matched, (_AGREE if matched else _VALUE)
 
 
 def _same_non_finite_or_finite(x: float, y: float) -> bool:

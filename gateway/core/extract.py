@@ -238,6 +238,9 @@ class PathMatcher:
 Fields: TypeAlias = dict[str, Value]
 
 
+_NUMERIC_TYPES = frozenset({int, float})
+
+
 def _as_tensor(items: list[Any]) -> Tensor | None:
     """The list as a Tensor if it is rectangular with only numeric leaves, else None."""
     shape: list[int] = []
@@ -247,19 +250,19 @@ def _as_tensor(items: list[Any]) -> Tensor | None:
         if not probe:
             break
         probe = probe[0]
-    level: list[Any] = [items]
-    for length in shape:
+    level: list[Any] = items
+    for length in shape[1:] if len(shape) > 1 else ():
         below: list[Any] = []
         for node in level:
             if not isinstance(node, list) or len(node) != length:
                 return None
             below.extend(node)
         level = below
-    # type() and not isinstance(): bools are ints to Python but not numbers to JSON.
-    if not all(type(x) is float or type(x) is int for x in level):
+    # Leaf types by exact type() (bools are ints to Python but not numbers to JSON), in C.
+    if not _NUMERIC_TYPES.issuperset(map(type, level)):
         return None
     try:
-        return Tensor(tuple(float(x) for x in level), tuple(shape))
+        return Tensor(tuple(map(float, level)), tuple(shape))
     except OverflowError:  # an integer beyond float range: compare it as a plain number
         return None
 
@@ -270,13 +273,14 @@ def flatten(value: Any, path: str, out: Fields) -> None:
     Iterative, because orjson accepts nesting deeper than Python's recursion limit.
     """
     stack: list[tuple[str, Any]] = [(path, value)]
+    push, pop = stack.append, stack.pop
     while stack:
-        where, node = stack.pop()
+        where, node = pop()
         if isinstance(node, dict):
             if not node:
                 out[where] = Empty.OBJECT
             for key in reversed(node):
-                stack.append((key_path(where, str(key)), node[key]))
+                push((key_path(where, str(key)), node[key]))
         elif isinstance(node, list):
             tensor = _as_tensor(node)
             if tensor is not None:
@@ -391,12 +395,12 @@ def _is_tfserving(doc: Any) -> bool:
 def detect(doc: Any) -> Protocol:
     """The protocol of a decoded JSON document (never AUTO or BYTES)."""
     if _is_oip(doc):
-        return Protocol.OIP
+        return _OIP
     if _is_openai(doc):
-        return Protocol.OPENAI
+        return _OPENAI
     if _is_tfserving(doc):
-        return Protocol.TFSERVING
-    return Protocol.JSON
+        return _TFSERVING
+    return _JSON
 
 
 # --------------------------------------------------------------------------- extractors
@@ -645,36 +649,42 @@ def _finish_choice(state: dict[str, Any]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- entry point
 
 
+# Protocol members as module constants: on Python 3.11 reading ``Protocol.AUTO`` costs
+# about ten times a global lookup, and extract() runs twice per mirrored request.
+_AUTO, _OIP, _OPENAI = Protocol.AUTO, Protocol.OIP, Protocol.OPENAI
+_TFSERVING, _JSON, _BYTES = Protocol.TFSERVING, Protocol.JSON, Protocol.BYTES
+
+
 def _bytes(body: bytes) -> Extracted:
-    return Extracted(Protocol.BYTES, MappingProxyType({ROOT: body}))
+    return Extracted(_BYTES, MappingProxyType({ROOT: body}))
 
 
 def _specific(protocol: Protocol, doc: Any) -> Extracted:
-    if protocol is Protocol.OIP:
+    if protocol is _OIP:
         return Extracted(protocol, MappingProxyType(_oip_fields(doc)))
-    if protocol is Protocol.OPENAI:
+    if protocol is _OPENAI:
         return Extracted(protocol, MappingProxyType(_openai_fields(doc)))
-    if protocol is Protocol.TFSERVING:
+    if protocol is _TFSERVING:
         return Extracted(protocol, MappingProxyType(_tfserving_fields(doc)))
-    return Extracted(Protocol.JSON, MappingProxyType(_json_fields(doc)))
+    return Extracted(_JSON, MappingProxyType(_json_fields(doc)))
 
 
-_FITS = {Protocol.OIP: _is_oip, Protocol.OPENAI: _is_openai, Protocol.TFSERVING: _is_tfserving}
+_FITS = {_OIP: _is_oip, _OPENAI: _is_openai, _TFSERVING: _is_tfserving}
 
 
-def extract(body: bytes, content_type: str = "", protocol: Protocol = Protocol.AUTO) -> Extracted:
+def extract(body: bytes, content_type: str = "", protocol: Protocol = _AUTO) -> Extracted:
     """The comparable content of an answer body (see the module docstring)."""
-    if protocol is Protocol.BYTES:
+    if protocol is _BYTES:
         return _bytes(body)
-    if protocol in (Protocol.AUTO, Protocol.OPENAI) and _is_sse(body, content_type):
+    if (protocol is _AUTO or protocol is _OPENAI) and _is_sse(body, content_type):
         doc = reassemble_openai_stream(body)
-        return _bytes(body) if doc is None else _specific(Protocol.OPENAI, doc)
-    if protocol is Protocol.AUTO and not _may_be_json(body, content_type):
+        return _bytes(body) if doc is None else _specific(_OPENAI, doc)
+    if protocol is _AUTO and not _may_be_json(body, content_type):
         return _bytes(body)
     doc = _parse_json(body)
     if doc is _NOT_JSON:
         return _bytes(body)
-    if protocol is Protocol.AUTO:
+    if protocol is _AUTO:
         return _specific(detect(doc), doc)
     fits = _FITS.get(protocol)
-    return _specific(protocol if fits is not None and fits(doc) else Protocol.JSON, doc)
+    return _specific(protocol if fits is not None and fits(doc) else _JSON, doc)

@@ -39,7 +39,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from statistics import NormalDist
 
-from gateway.core.compare import Comparison, Missing
+from gateway.core.compare import Comparison, FieldResult, Missing, Outcome
 from gateway.core.extract import Empty, Tensor, Value
 
 
@@ -51,6 +51,9 @@ class ShadowOutcome(enum.StrEnum):
     ERROR = "error"
     TIMEOUT = "timeout"
     DROPPED = "dropped"
+
+
+_OUTCOME_OF = {Outcome.MATCH: ShadowOutcome.MATCH, Outcome.MISMATCH: ShadowOutcome.MISMATCH}
 
 
 class FieldVerdict(enum.StrEnum):
@@ -143,27 +146,29 @@ class NoiseBaseline:
     def observe(self, comparison: Comparison) -> None:
         """A champion-vs-shadow comparison."""
         self.comparisons += 1
-        self._observe(((f.path, f.matched) for f in comparison.fields), noise=False)
+        for result in comparison.fields:
+            counts = self._counts(result.path)
+            if counts is not None:
+                counts.compared += 1
+                counts.mismatched += not result.matched
 
     def observe_noise(self, comparison: Comparison) -> None:
         """A champion-vs-champion comparison of the same request."""
         self.noise_comparisons += 1
-        self._observe(((f.path, f.matched) for f in comparison.fields), noise=True)
-
-    def _observe(self, results: Iterable[tuple[str, bool]], *, noise: bool) -> None:
-        for path, matched in results:
-            counts = self._fields.get(path)
-            if counts is None:
-                if len(self._fields) >= self.max_fields:
-                    self.overflow += 1
-                    continue
-                counts = self._fields[path] = _Counts()
-            if noise:
+        for result in comparison.fields:
+            counts = self._counts(result.path)
+            if counts is not None:
                 counts.noise_compared += 1
-                counts.noise_mismatched += not matched
-            else:
-                counts.compared += 1
-                counts.mismatched += not matched
+                counts.noise_mismatched += not result.matched
+
+    def _counts(self, path: str) -> _Counts | None:
+        counts = self._fields.get(path)
+        if counts is None:
+            if len(self._fields) >= self.max_fields:
+                self.overflow += 1
+                return None
+            counts = self._fields[path] = _Counts()
+        return counts
 
     def fields(self) -> tuple[str, ...]:
         return tuple(self._fields)
@@ -359,7 +364,9 @@ class MismatchRing:
     """The last ``capacity`` mismatching fields, values truncated to ``max_chars``.
 
     One answer contributes at most ``max_fields_per_answer`` records, so a single answer
-    that differs everywhere can't flush the whole history.
+    that differs everywhere can't flush the whole history. Small values are kept as they
+    are and rendered only when the records are read (most are overwritten unread); a
+    large one is rendered at once, so the ring never holds on to a big tensor or text.
     """
 
     def __init__(
@@ -369,23 +376,46 @@ class MismatchRing:
             raise ValueError("capacity and max_fields_per_answer must be >= 1, max_chars >= 8")
         self.max_chars = max_chars
         self.max_fields_per_answer = max_fields_per_answer
-        self._records: deque[MismatchRecord] = deque(maxlen=capacity)
+        self._records: deque[MismatchRecord | tuple[str, FieldResult]] = deque(maxlen=capacity)
 
     def add(self, request_id: str, comparison: Comparison) -> None:
-        for result in comparison.mismatches[: self.max_fields_per_answer]:
-            self._records.append(
-                MismatchRecord(
-                    request_id=truncate(request_id, self.max_chars),
-                    field=truncate(result.path, self.max_chars),
-                    reason=result.reason.value,
-                    champion=render_value(result.champion, self.max_chars),
-                    shadow=render_value(result.shadow, self.max_chars),
-                )
-            )
+        if len(request_id) > self.max_chars:
+            request_id = truncate(request_id, self.max_chars)
+        room = self.max_fields_per_answer
+        for result in comparison.fields:
+            if result.matched:
+                continue
+            if _small(result.champion, self.max_chars) and _small(result.shadow, self.max_chars):
+                self._records.append((request_id, result))
+            else:
+                self._records.append(self._render(request_id, result))
+            room -= 1
+            if not room:
+                return
 
     def records(self) -> tuple[MismatchRecord, ...]:
         """Oldest first."""
-        return tuple(self._records)
+        return tuple(
+            r if isinstance(r, MismatchRecord) else self._render(*r) for r in self._records
+        )
+
+    def _render(self, request_id: str, result: FieldResult) -> MismatchRecord:
+        return MismatchRecord(
+            request_id=truncate(request_id, self.max_chars),
+            field=truncate(result.path, self.max_chars),
+            reason=result.reason.value,
+            champion=render_value(result.champion, self.max_chars),
+            shadow=render_value(result.shadow, self.max_chars),
+        )
+
+
+def _small(value: Value | Missing, max_chars: int) -> bool:
+    """Cheap to keep until rendered: at most a few kilobytes."""
+    if isinstance(value, Tensor):
+        return len(value.values) <= 64
+    if isinstance(value, str | bytes):
+        return len(value) <= 4 * max_chars
+    return True
 
 
 # --------------------------------------------------------------------------- per route
@@ -440,7 +470,7 @@ class ShadowStats:
         self, request_id: str, comparison: Comparison, latency_delta: float | None = None
     ) -> ShadowOutcome:
         """A completed champion-vs-shadow comparison; returns the outcome to count."""
-        outcome = ShadowOutcome(comparison.outcome.value)
+        outcome = _OUTCOME_OF[comparison.outcome]
         self.tally.add(outcome)
         self.baseline.observe(comparison)
         if latency_delta is not None:
