@@ -9,6 +9,7 @@ its numbers are not comparable with wrk's (``comparable`` says so in every repor
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -149,7 +150,8 @@ class Wrk:
         self.binary = binary
         self.workdir = workdir
         self.cpus = cpus
-        self._runs = 0
+        # next() on a count is atomic: paired runs start two wrk at once from threads.
+        self._runs = itertools.count(1)
 
     def version(self) -> str:
         result = subprocess.run([self.binary, "-v"], capture_output=True, text=True, check=False)
@@ -157,8 +159,8 @@ class Wrk:
         return first[0] if first else "wrk"
 
     def run(self, spec: LoadSpec) -> LoadResult:
-        self._runs += 1
-        script = self.workdir / f"wrk-{self._runs}.lua"
+        run_no = next(self._runs)
+        script = self.workdir / f"wrk-{run_no}.lua"
         script.write_text(wrk_script(spec))
         # wrk takes whole seconds only. (A count-bounded run is not possible either: a
         # Lua thread:stop() ends the thread, but wrk's main thread sleeps out -d anyway.)
@@ -179,7 +181,7 @@ class Wrk:
             command, capture_output=True, text=True, timeout=seconds + 60, check=False
         )
         output = done.stdout + done.stderr
-        (self.workdir / f"wrk-{self._runs}.out").write_text(output)
+        (self.workdir / f"wrk-{run_no}.out").write_text(output)
         if done.returncode != 0:
             raise RuntimeError(f"wrk exited with {done.returncode}:\n{output[-2000:]}")
         return parse_result("wrk", output)

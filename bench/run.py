@@ -4,6 +4,7 @@ python -m bench.run [--duration 10] [--connections 64] [--rounds 3] [--json out.
                     [--only upstream,nginx,baseline,plain,split,traces,shadow]
 python -m bench.run --memory      # RSS before/after 200,000 distinct request IDs
 python -m bench.run --scale       # req/s with 1/10/100 routes x 1/8 endpoints
+python -m bench.run --paired      # feature costs from gateways loaded side by side
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from bench import nginx
 from bench.context import Bench, Target
 from bench.gateway_configs import REQUEST_PATH, Feature, request_paths
 from bench.loadgen import LoadSpec
+from bench.paired import run_paired
 from bench.procs import ChildFailed, free_port, rss_bytes
 from bench.report import (
     Measured,
@@ -74,6 +76,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--memory", action="store_true", help="RSS growth over distinct IDs")
     mode.add_argument("--scale", action="store_true", help="cost of routes and endpoints")
+    mode.add_argument(
+        "--paired",
+        action="store_true",
+        help="feature and scale costs with both sides loaded at once (see bench/paired.py)",
+    )
     parser.add_argument("--memory-requests", type=int, default=200_000)
     parser.add_argument(
         "--feature",
@@ -421,6 +428,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_memory(bench, args)
         elif args.scale:
             result = run_scale(bench, args)
+        elif args.paired:
+            result = run_paired(bench, args)
         else:
             result = run_comparison(bench, args)
         failed = False
@@ -464,6 +473,11 @@ def print_report(result: dict[str, Any]) -> None:
     print(f"# upstream: {meta['upstream']}; pinning: {meta['pinning']}")
     if result["mode"] == "memory":
         print(f"# {meta['connections']} connections, every request with a new X-Request-ID")
+    elif result["mode"] == "paired":
+        print(
+            f"# both sides of a pair loaded at once on the proxy CPU, {meta['connections']} "
+            f"connections each, {meta['duration']:g}s per run, {meta['rounds']} rounds"
+        )
     else:
         print(
             f"# {meta['connections']} connections, {meta['duration']:g}s per cell, "

@@ -1,0 +1,201 @@
+"""Side-by-side runs: two gateways loaded at the same time on the same CPU.
+
+``python -m bench.run --paired`` answers "what does this feature cost in requests/s?"
+on a machine whose CPU speed drifts by more than that cost within minutes. Interleaved
+rounds (A B A B ...) only cancel drift slower than a round; here A and B run *at once*,
+both pinned to the proxy CPU, each loaded by its own wrk with the same connection count.
+Both are always runnable, so the kernel's fair scheduler gives each half of the CPU, and
+whatever the CPU's speed does happens to both alike: their requests/s ratio is the
+ratio of what a request costs each, which is the feature's cost.
+
+Two gateway processes with the same config differ by 1-3 % in requests/s (memory
+layout, hash seeds), a bias a single pair of processes would carry into every round. So
+every round starts both sides afresh, and the median is over process pairs as well as
+over time.
+
+Checks that come with it:
+
+- which side's load starts first alternates between rounds, so no order effect can hide
+  in the ratio;
+- an A/A pair (the same configuration twice) measures the method's own error;
+- the CPU each side used is reported: a fair share is about 50/50, and CPU time per
+  request gives the same ratio without assuming a fair share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench.context import Bench, Target
+from bench.gateway_configs import Feature, request_paths
+from bench.loadgen import LoadResult, LoadSpec
+from bench.procs import cpu_seconds, free_port
+
+# name: (feature, routes, endpoints) of every gateway the paired runs need.
+_CELLS = {
+    "split": (Feature.SPLIT, 1, 1),
+    "split-again": (Feature.SPLIT, 1, 1),
+    "traces": (Feature.TRACES, 1, 1),
+    "shadow": (Feature.SHADOW, 1, 1),
+    "traces-100x8": (Feature.TRACES, 100, 8),
+}
+
+# (question, measured side, reference side, acceptance limit on the cost or None).
+PAIRS = (
+    ("A/A control: split against split", "split-again", "split", None),
+    ("traces cost (split + traces against split)", "traces", "split", 0.03),
+    ("shadow 10% cost (shadow against split + traces)", "shadow", "traces", 0.15),
+    ("100 routes x 8 endpoints against 1 x 1 (traces)", "traces-100x8", "traces", 0.05),
+)
+
+
+@dataclass
+class PairRuns:
+    question: str
+    measured: str
+    reference: str
+    limit: float | None
+    rps_ratios: list[float] = field(default_factory=list)
+    cpu_ratios: list[float] = field(default_factory=list)  # reference / measured CPU us/req
+    cpu_shares: list[float] = field(default_factory=list)  # measured side's share of CPU
+    errors: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        ratio = statistics.median(self.rps_ratios)
+        cost = 1.0 - ratio
+        out: dict[str, Any] = {
+            "question": self.question,
+            "measured": self.measured,
+            "reference": self.reference,
+            "rounds": len(self.rps_ratios),
+            "rps_ratio_median": ratio,
+            "rps_ratio_min": min(self.rps_ratios),
+            "rps_ratio_max": max(self.rps_ratios),
+            "cost": cost,
+            "cpu_per_request_cost": 1.0 - statistics.median(self.cpu_ratios),
+            "cpu_share_median": statistics.median(self.cpu_shares),
+            "errors": self.errors,
+            "limit": self.limit,
+        }
+        if self.limit is not None:
+            out["passed"] = cost <= self.limit
+        return out
+
+
+def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
+    wanted = list(PAIRS)
+    needs_redis = any(_CELLS[name][0].needs_redis for p in wanted for name in p[1:3])
+    if needs_redis and not bench.redis_ok:
+        bench.notes.append(f"Redis unreachable at {args.redis_url}: only the A/A pair runs")
+        wanted = [p for p in wanted if not any(_CELLS[n][0].needs_redis for n in p[1:3])]
+    upstream = bench.start_upstream([free_port() for _ in range(8)])
+    started: list[Target] = []
+
+    def start(name: str) -> Target:
+        feature, routes, endpoints = _CELLS[name]
+        target = bench.start_gateway(feature, upstream.urls[:endpoints], routes=routes, name=name)
+        started.append(target)
+        return target
+
+    def spec(target: Target, name: str, seconds: float) -> LoadSpec:
+        # Every side rotates over its paths through the same dynamic script, so wrk's own
+        # per-request cost is the same on both sides of every pair.
+        return LoadSpec(
+            target.base_url, request_paths(_CELLS[name][1]), args.connections, seconds, dynamic=True
+        )
+
+    runs = [PairRuns(q, a, b, limit) for q, a, b, limit in wanted]
+    with ThreadPoolExecutor(max_workers=2) as pool:
+
+        def both(targets: dict[str, Target], seconds: float) -> dict[str, LoadResult]:
+            futures = {
+                name: pool.submit(bench.loadgen.run, spec(target, name, seconds))
+                for name, target in targets.items()
+            }
+            return {name: future.result() for name, future in futures.items()}
+
+        for round_no in range(1, args.rounds + 1):
+            for pair in runs:
+                # Alternate which side's process and load start first.
+                order = [pair.measured, pair.reference]
+                if round_no % 2 == 0:
+                    order.reverse()
+                targets = {name: start(name) for name in order}
+                bench.wait_all_ready(list(targets.values()))
+                for name, target in targets.items():
+                    for path in request_paths(_CELLS[name][1]):
+                        bench.sanity_check(target, path)
+                if args.warmup > 0:
+                    both(targets, args.warmup)
+                bench.wait_quiet()
+                cpu_before = {n: cpu_seconds(t.child.pid) for n, t in targets.items()}
+                loads = both(targets, args.duration)
+                results = {
+                    n: (loads[n], cpu_seconds(t.child.pid) - cpu_before[n])
+                    for n, t in targets.items()
+                }
+                _record(pair, results)
+                bench.log(_progress_line(round_no, args.rounds, pair, results))
+                for target in targets.values():
+                    bench.children.stop(target.child)
+    bench.children.stop_all()
+    bench.note_trace_keys(started)
+    summaries = [pair.summary() for pair in runs]
+    return {
+        "mode": "paired",
+        "summaries": summaries,
+        "acceptance": [
+            {
+                "check": f"{s['question']}: costs <= {s['limit']:.0%} req/s",
+                "measured": f"{s['cost']:.1%}",
+                "passed": s["passed"],
+            }
+            for s in summaries
+            if s["limit"] is not None
+        ],
+        "table": paired_table(summaries),
+    }
+
+
+def _record(pair: PairRuns, results: dict[str, tuple[LoadResult, float]]) -> None:
+    (measured, cpu_m), (reference, cpu_r) = results[pair.measured], results[pair.reference]
+    pair.rps_ratios.append(measured.rps / reference.rps if reference.rps else float("nan"))
+    per_m = cpu_m / measured.requests if measured.requests else float("nan")
+    per_r = cpu_r / reference.requests if reference.requests else float("nan")
+    pair.cpu_ratios.append(per_r / per_m if per_m else float("nan"))
+    pair.cpu_shares.append(cpu_m / (cpu_m + cpu_r) if cpu_m + cpu_r else float("nan"))
+    pair.errors += sum(r.errors + r.non_2xx for r, _ in results.values())
+
+
+def _progress_line(
+    round_no: int, rounds: int, pair: PairRuns, results: dict[str, tuple[LoadResult, float]]
+) -> str:
+    measured, reference = results[pair.measured][0], results[pair.reference][0]
+    return (
+        f"[paired {round_no}/{rounds}] {pair.measured} {measured.rps:,.0f} req/s vs "
+        f"{pair.reference} {reference.rps:,.0f} req/s: ratio {pair.rps_ratios[-1]:.3f}, "
+        f"CPU share {pair.cpu_shares[-1]:.0%}"
+    )
+
+
+def paired_table(summaries: list[dict[str, Any]]) -> str:
+    lines = [
+        "| question | rounds | req/s ratio (median) | min - max | cost in req/s "
+        "| cost in CPU us/request | CPU share of measured side | result |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for s in summaries:
+        result = "-" if s["limit"] is None else ("PASS" if s["passed"] else "FAIL")
+        if s["limit"] is not None:
+            result += f" (<= {s['limit']:.0%})"
+        lines.append(
+            f"| {s['question']} | {s['rounds']} | {s['rps_ratio_median']:.3f} "
+            f"| {s['rps_ratio_min']:.3f} - {s['rps_ratio_max']:.3f} | {s['cost']:+.1%} "
+            f"| {s['cpu_per_request_cost']:+.1%} | {s['cpu_share_median']:.1%} | {result} |"
+        )
+    return "\n".join(lines)
+
