@@ -87,7 +87,8 @@ class PairRuns:
 
 
 def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
-    wanted = list(PAIRS)
+    chosen = {name.strip() for name in args.pairs.split(",") if name.strip()}
+    wanted = [p for p in PAIRS if not chosen or p[1] in chosen]
     needs_redis = any(_CELLS[name][0].needs_redis for p in wanted for name in p[1:3])
     if needs_redis and not bench.redis_ok:
         bench.notes.append(f"Redis unreachable at {args.redis_url}: only the A/A pair runs")

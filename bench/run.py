@@ -81,6 +81,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help="feature and scale costs with both sides loaded at once (see bench/paired.py)",
     )
+    parser.add_argument(
+        "--pairs",
+        default="",
+        help="--paired: comma-separated measured sides to run (default all: split-again, "
+        "traces, shadow, traces-100x8)",
+    )
     parser.add_argument("--memory-requests", type=int, default=200_000)
     parser.add_argument(
         "--feature",

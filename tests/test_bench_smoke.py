@@ -73,3 +73,21 @@ def test_harness_runs_on_its_fallbacks(tmp_path: Path) -> None:
     assert_served(result, ["baseline"])
     assert result["meta"]["comparable"] is False
     assert result["meta"]["upstream"] == "python"
+
+
+@pytest.mark.timeout(90)
+def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
+    out = tmp_path / "paired.json"
+    command = [
+        sys.executable, "-m", "bench.run", "--paired", "--pairs=split-again", "--rounds=1",
+        "--warmup=0", "--duration=1", "--quiet-wait=0", "--loadgen=python",
+        "--upstream=python", "--connections=4", f"--json={out}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    (summary,) = json.loads(out.read_text())["summaries"]
+    assert summary["measured"] == "split-again" and summary["reference"] == "split"
+    assert summary["rounds"] == 1 and summary["errors"] == 0
+    # Both sides were served at once: each got part of the one proxy CPU.
+    assert 0.0 < summary["cpu_share_median"] < 1.0
+    assert summary["rps_ratio_median"] > 0
