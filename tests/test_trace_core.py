@@ -63,12 +63,12 @@ def test_lookup_table_for_small_counts_agrees_with_exact_arithmetic() -> None:
 def test_done_buckets_counts_inside_and_beyond_the_table_alike() -> None:
     trace = ModelTrace(10, 0.0)
     big = _SMALL_COUNTS + 5
-    for pair in [(3, 7), (big, 7), (3, big), (-1, 7)]:
+    pairs = [(3, 7), (big, 7), (3, big), (-1, 7)]
+    for pair in pairs:
         trace.add(1.0)
         trace.done(1.0, *pair)
     window = trace.take_finished(10.0)[0].trace
-    expected = {f"{exact_bucket(max(i, 0))}:{exact_bucket(max(o, 0))}" for i, o in
-                [(3, 7), (big, 7), (3, big), (-1, 7)]}
+    expected = {f"{exact_bucket(max(i, 0))}:{exact_bucket(max(o, 0))}" for i, o in pairs}
     assert {k for k in window if not k.startswith("meta_")} == expected
 
 

@@ -381,17 +381,11 @@ class MismatchRing:
     def add(self, request_id: str, comparison: Comparison) -> None:
         if len(request_id) > self.max_chars:
             request_id = truncate(request_id, self.max_chars)
-        room = self.max_fields_per_answer
-        for result in comparison.fields:
-            if result.matched:
-                continue
+        for result in comparison.mismatches[: self.max_fields_per_answer]:
             if _small(result.champion, self.max_chars) and _small(result.shadow, self.max_chars):
                 self._records.append((request_id, result))
             else:
                 self._records.append(self._render(request_id, result))
-            room -= 1
-            if not room:
-                return
 
     def records(self) -> tuple[MismatchRecord, ...]:
         """Oldest first."""
