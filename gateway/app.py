@@ -16,7 +16,7 @@ from aiohttp import web
 
 from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
-from gateway.core.usage import NO_USAGE, find_usage
+from gateway.core.usage import usage_of_answer
 from gateway.h1 import UpstreamClient
 from gateway.metrics import Metrics
 from gateway.proxy import Proxy
@@ -176,8 +176,8 @@ class Gateway:
             if body is None:
                 tracer.discard(handle)
                 return
-            usage = find_usage(body) or NO_USAGE
-            tracer.done(handle, usage.prompt_tokens, usage.completion_tokens)
+            prompt_tokens, completion_tokens = usage_of_answer(body)
+            tracer.done(handle, prompt_tokens, completion_tokens)
 
         return done
 

@@ -277,6 +277,20 @@ class UpstreamResponse:
                 return value
         return None
 
+    def whole_body(self) -> bytes | None:
+        """The whole body if it has already arrived in one piece, else None (then read it
+        with ``chunks()``). A small answer usually comes in the same packet as its head:
+        taken whole, it needs no loop, no per-chunk bookkeeping and no timer."""
+        conn = self._conn
+        if not conn.complete or conn.error is not None:
+            return None
+        chunks = conn.chunks
+        if not chunks:
+            return b""
+        if len(chunks) == 1:
+            return conn.take_chunk()
+        return None
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives. Raises UpstreamTimeout or UpstreamError mid-way."""
         conn = self._conn

@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from gateway.core.compare import Answer
 from gateway.core.split import Variant, bucket_of, choose, parse_override
 from gateway.core.stats import ShadowOutcome
-from gateway.core.usage import UsageSniffer
+from gateway.core.usage import NO_USAGE, TokenCounts, UsageSniffer, usage_of_answer
 from gateway.h1 import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
@@ -174,6 +174,16 @@ async def read_body(request: web.BaseRequest, limit: int) -> bytes:
     return b"".join([chunk async for chunk in limited_stream(request.content, limit)])
 
 
+class _OneWriteResponse(web.StreamResponse):
+    """A response whose head waits for its body so that both leave in one write (one
+    system call instead of two), as ``web.Response`` does. Only for an answer already
+    complete: a streamed one sends its head at once, before a first token that may be
+    seconds away. (A private aiohttp switch: should it go, this is a plain
+    StreamResponse again.)"""
+
+    _send_headers_immediately = False
+
+
 class LoadTracer(Protocol):
     """Counts each backend's load into trace windows (gateway.tracing.TraceWriter)."""
 
@@ -201,7 +211,8 @@ class Exchange:
     mirror: ShadowPolicy | None = None
     request_copy: BoundedCopy | None = None
     answer_copy: BoundedCopy | None = None
-    usage: UsageSniffer | None = None
+    traced: bool = False  # the answer's token counts are wanted (load traces are on)
+    tokens: TokenCounts = NO_USAGE  # (prompt, completion) from the answer's usage
     answered: bool = False  # the backend sent an answer (its headers at least)
 
 
@@ -285,18 +296,18 @@ class Proxy:
 
         # 4-5. Forward and record.
         tracer = self.tracer
-        trace = tracer.add(pool.model) if tracer is not None else None
-        if trace is not None:
-            exchange.usage = UsageSniffer()
+        if tracer is not None:
+            trace = tracer.add(pool.model)
+            exchange.traced = True
         exchange.metrics.in_flight.inc()
         try:
             return await self._forward(exchange)
         finally:
             exchange.metrics.in_flight.dec()
             if tracer is not None:
-                if exchange.answered and exchange.usage is not None:
-                    counts = exchange.usage.usage()
-                    tracer.done(trace, counts.prompt_tokens, counts.completion_tokens)
+                if exchange.answered:
+                    prompt_tokens, completion_tokens = exchange.tokens
+                    tracer.done(trace, prompt_tokens, completion_tokens)
                 else:  # the backend never answered: no tokens to count
                     tracer.discard(trace)
 
@@ -415,7 +426,10 @@ class Proxy:
         Returns the response and whether the whole answer reached the client."""
         request, metrics = exchange.request, exchange.metrics
         exchange.answered = True
-        response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+        body = upstream.whole_body()
+        response = (web.StreamResponse if body is None else _OneWriteResponse)(
+            status=upstream.status, reason=upstream.reason
+        )
         copy_response_headers(
             upstream,
             response.headers,
@@ -423,24 +437,41 @@ class Proxy:
             exchange.request_id,
             exchange.variant,
         )
-        usage = exchange.usage
+        traced = exchange.traced
         copy: BoundedCopy | None = None
         if exchange.mirror is not None:
             copy = exchange.answer_copy = BoundedCopy(exchange.mirror.config.max_body_bytes)
         complete = False
         try:
             await response.prepare(request)
-            if usage is None and copy is None:
+            if body is not None:
+                # The usual small answer, already here with its head: it goes out in one
+                # write and is read in one piece.
+                try:
+                    await response.write_eof(body)
+                finally:
+                    # Counted even if the client left early: the backend did the work.
+                    if traced:
+                        exchange.tokens = usage_of_answer(body)
+                if copy is not None:
+                    copy.feed(body)
+            elif not traced and copy is None:
                 async for chunk in upstream.chunks():
                     await response.write(chunk)
+                await response.write_eof()
             else:
-                async for chunk in upstream.chunks():
-                    await response.write(chunk)
+                usage = UsageSniffer() if traced else None
+                try:
+                    async for chunk in upstream.chunks():
+                        await response.write(chunk)
+                        if usage is not None:
+                            usage.feed(chunk)
+                        if copy is not None:
+                            copy.feed(chunk)
+                finally:
                     if usage is not None:
-                        usage.feed(chunk)
-                    if copy is not None:
-                        copy.feed(chunk)
-            await response.write_eof()
+                        exchange.tokens = usage.usage()
+                await response.write_eof()
             complete = True
         except TimeoutError:
             # Headers are gone already; all we can do is cut the connection so the

@@ -7,10 +7,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.core.usage import HEAD_BYTES, NO_USAGE, TAIL_BYTES, Usage, UsageSniffer, find_usage
+from gateway.core.usage import (
+    HEAD_BYTES,
+    NO_USAGE,
+    TAIL_BYTES,
+    TokenCounts,
+    UsageSniffer,
+    find_usage,
+    usage_of_answer,
+)
 
 
-def sniff(chunks: list[bytes]) -> Usage:
+def sniff(chunks: list[bytes]) -> TokenCounts:
     sniffer = UsageSniffer()
     for chunk in chunks:
         sniffer.feed(chunk)
@@ -33,24 +41,24 @@ def sse(events: list[dict[str, object]]) -> bytes:
 
 
 def test_plain_json_answer() -> None:
-    assert sniff([CHAT]) == Usage(12, 34)
+    assert sniff([CHAT]) == (12, 34)
 
 
 def test_plain_json_split_at_every_byte() -> None:
     for cut in range(1, len(CHAT)):
-        assert sniff([CHAT[:cut], CHAT[cut:]]) == Usage(12, 34), cut
+        assert sniff([CHAT[:cut], CHAT[cut:]]) == (12, 34), cut
 
 
 def test_streamed_answer_takes_the_last_usage() -> None:
     chunks = [{"choices": [{"delta": {"content": f"t{i}"}}], "usage": None} for i in range(50)]
     final = {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 50}}
     body = sse([*chunks, final])
-    assert sniff([body]) == Usage(7, 50)
+    assert sniff([body]) == (7, 50)
     # Event by event, as a server streams it.
     parts = [b"data: " + orjson.dumps(e) + b"\n\n" for e in [*chunks, final]] + [
         b"data: [DONE]\n\n"
     ]
-    assert sniff(parts) == Usage(7, 50)
+    assert sniff(parts) == (7, 50)
 
 
 def test_answer_without_usage_counts_zero() -> None:
@@ -64,15 +72,15 @@ def test_usage_inside_a_string_is_not_taken() -> None:
     body = orjson.dumps(
         {"text": 'say "usage": {"prompt_tokens": 99}', "usage": {"prompt_tokens": 1}}
     )
-    assert find_usage(body) == Usage(1, 0)
+    assert find_usage(body) == (1, 0)
     only_in_string = orjson.dumps({"text": '"usage": {"prompt_tokens": 99}'})
     # The escaped quotes inside a JSON string never form the literal "usage" key.
     assert find_usage(only_in_string) is None
 
 
 def test_bad_counts_are_zero() -> None:
-    assert find_usage(b'{"usage": {"prompt_tokens": -3, "completion_tokens": true}}') == Usage(0, 0)
-    assert find_usage(b'{"usage": {"prompt_tokens": "5", "completion_tokens": 2.5}}') == Usage(0, 0)
+    assert find_usage(b'{"usage": {"prompt_tokens": -3, "completion_tokens": true}}') == (0, 0)
+    assert find_usage(b'{"usage": {"prompt_tokens": "5", "completion_tokens": 2.5}}') == (0, 0)
 
 
 def test_large_answer_keeps_only_head_and_tail() -> None:
@@ -85,13 +93,13 @@ def test_large_answer_keeps_only_head_and_tail() -> None:
     ]:
         sniffer.feed(chunk)
         assert sniffer.kept_bytes <= HEAD_BYTES + TAIL_BYTES + 2000
-    assert sniffer.usage() == Usage(3, 4)
+    assert sniffer.usage() == (3, 4)
 
 
 def test_usage_at_the_start_of_a_large_answer() -> None:
     first = b'{"usage": {"prompt_tokens": 5, "completion_tokens": 6}, "data": "'
     chunks = [first, *(b"y" * 1000 for _ in range(100)), b'"}']
-    assert sniff(chunks) == Usage(5, 6)
+    assert sniff(chunks) == (5, 6)
 
 
 @pytest.mark.parametrize("chunk_size", [1, 7, 100, 4096])
@@ -99,7 +107,7 @@ def test_chunking_does_not_matter(chunk_size: int) -> None:
     final = {"choices": [], "usage": {"prompt_tokens": 70, "completion_tokens": 500}}
     body = sse([{"choices": [{"delta": {"content": "a" * 80}}]} for _ in range(300)] + [final])
     chunks = [body[i : i + chunk_size] for i in range(0, len(body), chunk_size)]
-    assert sniff(chunks) == Usage(70, 500)
+    assert sniff(chunks) == (70, 500)
 
 
 @given(st.integers(0, 10**7), st.integers(0, 10**7), st.lists(st.integers(1, 64), max_size=20))
@@ -112,4 +120,74 @@ def test_any_split_of_a_json_answer(prompt: int, completion: int, cuts: list[int
         chunks.append(body[position : position + cut])
         position += cut
     chunks.append(body[position:])
-    assert sniff([c for c in chunks if c]) == Usage(prompt, completion)
+    assert sniff([c for c in chunks if c]) == (prompt, completion)
+
+
+def expected_counts(document: object) -> TokenCounts:
+    """What a top-level ``usage`` holds, read from the parsed document (the reference)."""
+    usage = document.get("usage") if isinstance(document, dict) else None
+    if not isinstance(usage, dict):
+        return NO_USAGE
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    return (
+        prompt if type(prompt) is int and prompt > 0 else 0,
+        completion if type(completion) is int and completion > 0 else 0,
+    )
+
+
+_text = st.sampled_from(["usage", '"usage"', '"usage": {"prompt_tokens": 9}', "}", "\\", "x"])
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-5, 10**6) | _text,
+    lambda inner: st.lists(inner, max_size=3)
+    | st.dictionaries(st.sampled_from(["usage", "a", "prompt_tokens", "x"]), inner, max_size=3),
+    max_leaves=8,
+)
+_counts = st.one_of(st.integers(-3, 10**9), st.none(), st.booleans(), st.just("5"), st.just(2.5))
+_usage = st.fixed_dictionaries(
+    {},
+    optional={
+        "prompt_tokens": _counts,
+        "completion_tokens": _counts,
+        "prompt_tokens_details": _json,
+        "total_tokens": _counts,
+    },
+)
+
+
+ABSENT = object()
+
+
+@given(
+    st.dictionaries(st.sampled_from(["id", "choices", "a", "x"]), _json, max_size=4),
+    st.one_of(st.just(ABSENT), _usage, _json),
+    st.booleans(),
+    st.booleans(),
+)
+def test_whole_answer_reads_the_top_level_usage(
+    members: dict[str, object], usage: object, usage_last: bool, indent: bool
+) -> None:
+    """The shortcut (parse only a trailing ``usage`` member) agrees with a full parse
+    wherever ``usage`` sits, whatever the other members hold, compact or indented."""
+    document = dict(members)
+    if usage is not ABSENT:
+        if usage_last:
+            document["usage"] = usage
+        else:
+            document = {"usage": usage, **members}
+    body = orjson.dumps(document, option=orjson.OPT_INDENT_2 if indent else 0)
+    assert usage_of_answer(body) == expected_counts(document)
+    assert usage_of_answer(body + b"\n") == expected_counts(document)
+
+
+def test_whole_answer_with_usage_last_or_not() -> None:
+    last = b'{"id": "a", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
+    first = b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "id": "a"}'
+    nested = b'{"choices": [{"usage": {"prompt_tokens": 8}}], "usage": null}'
+    in_key = b'{"x\\"usage": {"prompt_tokens": 8}}'
+    assert usage_of_answer(last) == usage_of_answer(first) == (3, 4)
+    assert usage_of_answer(nested) == NO_USAGE
+    assert usage_of_answer(b'{"usage": null, "x": {"prompt_tokens": 5}}') == NO_USAGE
+    assert usage_of_answer(b'{"usage": 7, "x": {"prompt_tokens": 5}}') == NO_USAGE
+    assert orjson.loads(in_key) == {'x"usage': {"prompt_tokens": 8}}
+    assert usage_of_answer(in_key) == NO_USAGE
+    assert usage_of_answer(b'{"predictions": [[0.1, 0.9]]}') == NO_USAGE

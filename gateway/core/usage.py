@@ -10,7 +10,6 @@ which keeps references to the first and last few kilobytes only. At the end the 
 from __future__ import annotations
 
 from collections import deque
-from typing import NamedTuple
 
 import orjson
 
@@ -18,13 +17,11 @@ HEAD_BYTES = 8 * 1024
 TAIL_BYTES = 16 * 1024
 _USAGE_KEY = b'"usage"'
 
+# (prompt_tokens, completion_tokens). A plain tuple: it is made for every traced answer,
+# and a NamedTuple's constructor is a Python-level call that costs more than the parse.
+TokenCounts = tuple[int, int]
 
-class Usage(NamedTuple):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-NO_USAGE = Usage()
+NO_USAGE: TokenCounts = (0, 0)
 
 
 class UsageSniffer:
@@ -54,7 +51,7 @@ class UsageSniffer:
         """Bytes referenced right now (bounded by about HEAD_BYTES + TAIL_BYTES)."""
         return len(self._first) if self._spill is None else self._spill.kept_bytes
 
-    def usage(self) -> Usage:
+    def usage(self) -> TokenCounts:
         if self._spill is None:
             return usage_of_answer(self._first)
         return self._spill.usage()
@@ -87,7 +84,7 @@ class _HeadAndTail:
     def kept_bytes(self) -> int:
         return self._head_size + self._tail_size
 
-    def usage(self) -> Usage:
+    def usage(self) -> TokenCounts:
         head = b"".join(self._head)
         if not self._tail:
             return usage_of_answer(head)
@@ -98,33 +95,56 @@ class _HeadAndTail:
         return find_usage(tail) or find_usage(head) or NO_USAGE
 
 
-def usage_of_answer(data: bytes) -> Usage:
+def usage_of_answer(data: bytes) -> TokenCounts:
     """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
     else holding a ``"usage": {...}`` (an event stream)."""
-    if data[:1] == b"{":
-        # Most answers are one small JSON object: one parse (in C) beats a scan.
-        try:
-            document = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            document = None
-        if type(document) is dict:
-            usage = document.get("usage")
-            if type(usage) is not dict:
-                return NO_USAGE
-            return _usage_from(usage)
-    return find_usage(data) or NO_USAGE
+    key = data.rfind(_USAGE_KEY)
+    if key == -1:
+        return NO_USAGE  # the usual answer of a model that is not a language model
+    if data[:1] != b"{":
+        return find_usage(data) or NO_USAGE
+    counts = _usage_as_last_member(data, key)
+    if counts is not None:
+        return counts
+    try:
+        usage = orjson.loads(data).get("usage")
+    except orjson.JSONDecodeError:
+        return find_usage(data) or NO_USAGE
+    return _counts_of(usage) if type(usage) is dict else NO_USAGE
 
 
-def _usage_from(usage: dict[str, object]) -> Usage:
+def _usage_as_last_member(data: bytes, key: int) -> TokenCounts | None:
+    """The top-level ``usage`` of a JSON object when it is the object's last member (as
+    OpenAI-style servers write it), parsing that member alone; None if it is not.
+
+    ``key`` is the last ``"usage"`` in ``data``. A quote preceded by a backslash is
+    inside a string. Otherwise the text from the ``{`` after it up to the document's
+    closing brace is exactly one JSON object only if this ``usage`` sits at the top
+    level and nothing follows it: nested deeper, more closing brackets would follow;
+    followed by other members, a comma would. Anything else is left to a full parse.
+    """
+    if data[key - 1] == 0x5C:  # key > 0: data starts with "{"
+        return None
+    start = data.find(b"{", key + len(_USAGE_KEY))
+    if start == -1 or data[key + len(_USAGE_KEY) : start].strip() != b":":
+        return None  # "usage": null, or not followed by an object
+    try:
+        usage = orjson.loads(data[start : data.rfind(b"}")])
+    except orjson.JSONDecodeError:
+        return None
+    return _counts_of(usage)
+
+
+def _counts_of(usage: dict[str, object]) -> TokenCounts:
     # type() is int: not a bool, not a float; negative counts are a broken server's.
     prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
-    return Usage(
+    return (
         prompt if type(prompt) is int and prompt > 0 else 0,
         completion if type(completion) is int and completion > 0 else 0,
     )
 
 
-def find_usage(data: bytes) -> Usage | None:
+def find_usage(data: bytes) -> TokenCounts | None:
     """Counts from the last ``"usage": {...}`` in ``data``; None if there is none."""
     position = data.rfind(_USAGE_KEY)
     while position != -1:
@@ -135,7 +155,7 @@ def find_usage(data: bytes) -> Usage | None:
     return None
 
 
-def _usage_at(data: bytes, start: int) -> Usage | None:
+def _usage_at(data: bytes, start: int) -> TokenCounts | None:
     index = start
     length = len(data)
     while index < length and data[index] in b" \t\r\n":
@@ -156,7 +176,7 @@ def _usage_at(data: bytes, start: int) -> Usage | None:
         return None
     if not isinstance(usage, dict):
         return None
-    return _usage_from(usage)
+    return _counts_of(usage)
 
 
 def _matching_brace(data: bytes, start: int) -> int:
