@@ -10,7 +10,7 @@ import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import aiohttp
 import orjson
@@ -184,14 +184,22 @@ class _OneWriteResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
+class LoadTrace(Protocol):
+    """One model's load trace (gateway.core.trace.ModelTrace); times are ``clock()``."""
+
+    def add(self, now: float) -> None: ...
+
+    def done(self, now: float, in_tokens: int, out_tokens: int) -> None: ...
+
+    def discard(self, now: float) -> None: ...
+
+
 class LoadTracer(Protocol):
     """Counts each backend's load into trace windows (gateway.tracing.TraceWriter)."""
 
-    def add(self, model: str) -> Any: ...
+    clock: Callable[[], float]
 
-    def done(self, handle: Any, prompt_tokens: int, completion_tokens: int) -> None: ...
-
-    def discard(self, handle: Any) -> None: ...
+    def trace_of(self, model: str) -> LoadTrace: ...
 
 
 @dataclass(slots=True)
@@ -239,6 +247,8 @@ class Proxy:
         self.new_request_id = new_request_id
         self.shadow_runner = shadow_runner
         self.tracer = tracer
+        # model -> its trace: a dict lookup per request instead of a call into the tracer.
+        self._traces: dict[str, LoadTrace] = {}
         self.draining = False
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -297,7 +307,10 @@ class Proxy:
         # 4-5. Forward and record.
         tracer = self.tracer
         if tracer is not None:
-            trace = tracer.add(pool.model)
+            trace = self._traces.get(pool.model)
+            if trace is None:
+                trace = self._traces[pool.model] = tracer.trace_of(pool.model)
+            trace.add(tracer.clock())
             exchange.traced = True
         exchange.metrics.in_flight.inc()
         try:
@@ -307,9 +320,9 @@ class Proxy:
             if tracer is not None:
                 if exchange.answered:
                     prompt_tokens, completion_tokens = exchange.tokens
-                    tracer.done(trace, prompt_tokens, completion_tokens)
+                    trace.done(tracer.clock(), prompt_tokens, completion_tokens)
                 else:  # the backend never answered: no tokens to count
-                    tracer.discard(trace)
+                    trace.discard(tracer.clock())
 
     def _variant(self, route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
         if route.allow_override:

@@ -127,7 +127,7 @@ class TraceWriter:
         self.ttl = float(ttl_seconds)
         self._redis = redis
         self._merge = redis.register_script(MERGE_SCRIPT) if redis is not None else None
-        self._clock = clock
+        self.clock = clock  # wall clock, seconds: windows are aligned to unix time
         self._sleep = sleep
         self._on_write = on_write
         self._recent_windows = recent_windows
@@ -148,21 +148,27 @@ class TraceWriter:
 
     # -- request path: synchronous, in memory --------------------------------------------
 
-    def add(self, model: str) -> TraceHandle:
-        now = self._clock()
+    def trace_of(self, model: str) -> ModelTrace:
+        """The model's trace, the same object for the writer's whole life. The proxy keeps
+        it and calls ``add``/``done``/``discard`` on it with ``clock()`` itself: two
+        Python calls fewer per request than going through the methods below."""
         trace = self._traces.get(model)
         if trace is None:
-            trace = self._traces[model] = ModelTrace(self.interval, now)
-        trace.add(now)
+            trace = self._traces[model] = ModelTrace(self.interval, self.clock())
+        return trace
+
+    def add(self, model: str) -> TraceHandle:
+        trace = self.trace_of(model)
+        trace.add(self.clock())
         return trace
 
     def done(self, handle: TraceHandle, in_tokens: int, out_tokens: int) -> None:
         """The answer ended; call exactly once per ``add``. Use 0 for unknown tokens."""
-        handle.done(self._clock(), in_tokens, out_tokens)
+        handle.done(self.clock(), in_tokens, out_tokens)
 
     def discard(self, handle: TraceHandle) -> None:
         """The request ended without an answer to count (instead of ``done``)."""
-        handle.discard(self._clock())
+        handle.discard(self.clock())
 
     # -- views ---------------------------------------------------------------------------
 
@@ -205,7 +211,7 @@ class TraceWriter:
                 await self._task
             self._task = None
         async with self._lock:
-            self._collect(self._clock())
+            self._collect(self.clock())
             if flush_open:
                 for model, trace in self._traces.items():
                     window = trace.take_open()
@@ -216,12 +222,12 @@ class TraceWriter:
     async def flush(self) -> bool:
         """Collect closed windows and write the backlog. True if nothing is left over."""
         async with self._lock:
-            self._collect(self._clock())
+            self._collect(self.clock())
             return await self._write_backlog()
 
     async def _run(self) -> None:
         while True:
-            now = self._clock()
+            now = self.clock()
             target = window_end(now, self.interval) + self._write_delay
             if self._backlog:
                 target = min(target, now + self._retry_seconds)
@@ -263,7 +269,7 @@ class TraceWriter:
             return True
         while self._backlog:
             item = self._backlog[0]
-            remaining_ms = int((item.expires_at - self._clock()) * 1000)
+            remaining_ms = int((item.expires_at - self.clock()) * 1000)
             if remaining_ms <= 0:
                 self._backlog.popleft()
                 self._count(OUTCOME_DROPPED)

@@ -195,7 +195,7 @@ async def test_background_loop_writes_within_500ms_of_the_boundary(
     shared_redis: aioredis.Redis, redis_prefix: str  # noqa: F811
 ) -> None:
     w, outcomes = writer(shared_redis, redis_prefix, FakeClock(), interval=1)
-    w._clock = time.time  # real time for this one
+    w.clock = time.time  # real time for this one
     w.start()
     try:
         h = w.add("m")

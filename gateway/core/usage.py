@@ -97,41 +97,34 @@ class _HeadAndTail:
 
 def usage_of_answer(data: bytes) -> TokenCounts:
     """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
-    else holding a ``"usage": {...}`` (an event stream)."""
+    else holding a ``"usage": {...}`` (an event stream). Runs for every traced answer,
+    hence one function with its steps written out."""
     key = data.rfind(_USAGE_KEY)
     if key == -1:
         return NO_USAGE  # the usual answer of a model that is not a language model
     if data[:1] != b"{":
         return find_usage(data) or NO_USAGE
-    counts = _usage_as_last_member(data, key)
-    if counts is not None:
-        return counts
-    try:
-        usage = orjson.loads(data).get("usage")
-    except orjson.JSONDecodeError:
-        return find_usage(data) or NO_USAGE
-    return _counts_of(usage) if type(usage) is dict else NO_USAGE
-
-
-def _usage_as_last_member(data: bytes, key: int) -> TokenCounts | None:
-    """The top-level ``usage`` of a JSON object when it is the object's last member (as
-    OpenAI-style servers write it), parsing that member alone; None if it is not.
-
-    ``key`` is the last ``"usage"`` in ``data``. A quote preceded by a backslash is
-    inside a string. Otherwise the text from the ``{`` after it up to the document's
-    closing brace is exactly one JSON object only if this ``usage`` sits at the top
-    level and nothing follows it: nested deeper, more closing brackets would follow;
-    followed by other members, a comma would. Anything else is left to a full parse.
-    """
-    if data[key - 1] == 0x5C:  # key > 0: data starts with "{"
-        return None
-    start = data.find(b"{", key + len(_USAGE_KEY))
-    if start == -1 or data[key + len(_USAGE_KEY) : start].strip() != b":":
-        return None  # "usage": null, or not followed by an object
-    try:
-        usage = orjson.loads(data[start : data.rfind(b"}")])
-    except orjson.JSONDecodeError:
-        return None
+    # Shortcut for OpenAI-style answers, where ``usage`` is the last member: parse that
+    # member alone. ``key`` is the last ``"usage"``; a quote after a backslash is inside
+    # a string. Otherwise the text from the ``{`` after it up to the document's closing
+    # brace is exactly one JSON object only if this ``usage`` sits at the top level and
+    # nothing follows it: nested deeper, more closing brackets would follow; followed by
+    # other members, a comma would. Anything else gets a full parse.
+    usage = None
+    after_key = key + len(_USAGE_KEY)
+    start = data.find(b"{", after_key)
+    if start != -1 and data[key - 1] != 0x5C and data[after_key:start].strip() == b":":
+        try:  # noqa: SIM105 (a try costs nothing unless it raises; suppress() is a call)
+            usage = orjson.loads(data[start : data.rfind(b"}")])
+        except orjson.JSONDecodeError:
+            pass
+    if usage is None:
+        try:
+            usage = orjson.loads(data).get("usage")
+        except orjson.JSONDecodeError:
+            return find_usage(data) or NO_USAGE
+        if type(usage) is not dict:
+            return NO_USAGE
     return _counts_of(usage)
 
 
