@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 from gateway.core.compare import Answer
 from gateway.core.split import Variant, bucket_of, choose, parse_override
 from gateway.core.stats import ShadowOutcome
-from gateway.core.usage import NO_USAGE, TokenCounts, UsageSniffer, usage_of_answer
+from gateway.core.usage import NO_USAGE, TokenCounts, UsageSniffer
 from gateway.h1 import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
@@ -191,6 +191,8 @@ class LoadTrace(Protocol):
 
     def done(self, now: float, in_tokens: int, out_tokens: int) -> None: ...
 
+    def done_answer(self, now: float, answer: bytes) -> None: ...
+
     def discard(self, now: float) -> None: ...
 
 
@@ -220,7 +222,8 @@ class Exchange:
     request_copy: BoundedCopy | None = None
     answer_copy: BoundedCopy | None = None
     traced: bool = False  # the answer's token counts are wanted (load traces are on)
-    tokens: TokenCounts = NO_USAGE  # (prompt, completion) from the answer's usage
+    tokens: TokenCounts = NO_USAGE  # (prompt, completion) from a streamed answer's usage
+    answer: bytes | None = None  # or the whole answer, when traced: its trace reads usage
     answered: bool = False  # the backend sent an answer (its headers at least)
 
 
@@ -306,6 +309,7 @@ class Proxy:
 
         # 4-5. Forward and record.
         tracer = self.tracer
+        trace = None
         if tracer is not None:
             trace = self._traces.get(pool.model)
             if trace is None:
@@ -317,8 +321,10 @@ class Proxy:
             return await self._forward(exchange)
         finally:
             exchange.metrics.in_flight.dec()
-            if tracer is not None:
-                if exchange.answered:
+            if tracer is not None and trace is not None:
+                if exchange.answer is not None:
+                    trace.done_answer(tracer.clock(), exchange.answer)
+                elif exchange.answered:
                     prompt_tokens, completion_tokens = exchange.tokens
                     trace.done(tracer.clock(), prompt_tokens, completion_tokens)
                 else:  # the backend never answered: no tokens to count
@@ -460,12 +466,9 @@ class Proxy:
             if body is not None:
                 # The usual small answer, already here with its head: it goes out in one
                 # write and is read in one piece.
-                try:
-                    await response.write_eof(body)
-                finally:
-                    # Counted even if the client left early: the backend did the work.
-                    if traced:
-                        exchange.tokens = usage_of_answer(body)
+                if traced:  # counted even if the client leaves early: the work was done
+                    exchange.answer = body
+                await response.write_eof(body)
                 if copy is not None:
                     copy.feed(body)
             elif not traced and copy is None:

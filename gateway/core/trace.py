@@ -24,7 +24,12 @@ from typing import NamedTuple
 
 import orjson
 
+from gateway.core.usage import usage_of_answer
+
 TRACE_VERSION = 3
+# Whole answers kept (by reference) before their token counts are read: at most this many
+# per model, so a few hundred kB for chat-sized answers.
+ANSWER_BATCH = 64
 # Buckets are log2(tokens) in steps of 1/PRECISION; AIBrix divides by meta_precision.
 PRECISION = 10
 
@@ -154,7 +159,16 @@ class ModelTrace:
     backwards (a wall-clock step) keeps counting into the open window.
     """
 
-    __slots__ = ("_boundary", "_counts", "_end", "_finished", "_total", "interval", "pending")
+    __slots__ = (
+        "_answers",
+        "_boundary",
+        "_counts",
+        "_end",
+        "_finished",
+        "_total",
+        "interval",
+        "pending",
+    )
 
     def __init__(self, interval: int, now: float) -> None:
         if interval <= 0:
@@ -168,6 +182,8 @@ class ModelTrace:
         self._total = 0
         self._counts: dict[int, int] = {}
         self._finished: list[FinishedWindow] = []
+        # Whole answers that finished in the open window, their tokens not read yet.
+        self._answers: list[bytes] = []
 
     @property
     def term(self) -> int:
@@ -191,6 +207,21 @@ class ModelTrace:
         counts = self._counts
         counts[pair] = counts.get(pair, 0) + 1
         self.pending -= 1
+
+    def done_answer(self, now: float, answer: bytes) -> None:
+        """``done`` with the token counts still inside ``answer`` (its ``usage``).
+
+        Reading them is left for later, a batch at a time: in a loop over answers the
+        parse runs with warm caches, where one parse per request between everything else
+        a request does costs several times more. The answers are read before the window
+        they finished in is closed or shown, so each still counts exactly there."""
+        if now >= self._boundary:
+            self._close(now)
+        answers = self._answers
+        answers.append(answer)
+        self.pending -= 1
+        if len(answers) >= ANSWER_BATCH:
+            self._count_answers()
 
     def discard(self, now: float) -> None:
         """End a request that produced no answer: it leaves the pending gauge only."""
@@ -227,7 +258,17 @@ class ModelTrace:
         self._end = window_end(now, self.interval)
         self._boundary = float(self._end)
 
+    def _count_answers(self) -> None:
+        answers, self._answers = self._answers, []
+        counts = self._counts
+        for answer in answers:
+            in_tokens, out_tokens = usage_of_answer(answer)
+            pair = (token_bucket(in_tokens) << _PAIR_SHIFT) | token_bucket(out_tokens)
+            counts[pair] = counts.get(pair, 0) + 1
+
     def _snapshot_open(self) -> FinishedWindow | None:
+        if self._answers:
+            self._count_answers()
         if not self._total and not self._counts:
             return None
         trace: TraceSnapshot = {_pair_text(p): n for p, n in self._counts.items()}
