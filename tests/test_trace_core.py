@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gateway.core.trace import (
     _SMALL_COUNTS,
+    ANSWER_BATCH,
     ModelTrace,
     exact_bucket,
     merge,
@@ -292,6 +293,72 @@ def test_every_request_counted_exactly_once(requests: list[tuple[float, float, i
     assert pairs == expected
     assert [w.window_end for w in windows] == sorted({w.window_end for w in windows})
     assert t.pending == 0
+
+
+def answer(prompt: int, completion: int) -> bytes:
+    return orjson.dumps(
+        {"id": "x", "usage": {"prompt_tokens": prompt, "completion_tokens": completion}}
+    )
+
+
+def test_whole_answers_count_in_the_window_they_finished_in() -> None:
+    t = ModelTrace(10, 1000.0)
+    t.add(1001.0)
+    t.add(1002.0)
+    t.done_answer(1009.9, answer(100, 20))  # read later, counted in [1000, 1010)
+    t.done_answer(1010.5, b'{"predictions": [1]}')  # no usage: 0:0, in [1010, 1020)
+    open_window = t.peek_open()
+    assert open_window is not None and open_window.window_end == 1020
+    assert open_window.trace == snapshot({"0:0": 1}, total=0, pending=0)
+    [first] = t.take_finished(1010.6)
+    assert first.trace == snapshot({"66:43": 1}, total=2, pending=1)
+
+
+def test_whole_answers_are_held_a_batch_at_most() -> None:
+    t = ModelTrace(10, 1000.0)
+    body = answer(3, 4)
+    for n in range(3 * ANSWER_BATCH + 1):
+        t.add(1001.0)
+        t.done_answer(1001.0, body)
+        assert len(t._answers) < ANSWER_BATCH, n  # read whenever a batch fills up
+        assert t.pending == 0
+    [w] = t.take_finished(1010.0)
+    assert w.trace == snapshot({"16:20": 3 * ANSWER_BATCH + 1}, total=3 * ANSWER_BATCH + 1,
+                               pending=0)  # fmt: skip
+
+
+@given(
+    st.lists(
+        st.tuples(st.floats(0, 50, allow_nan=False), st.floats(0, 30, allow_nan=False),
+                  st.integers(0, 5000), st.integers(0, 5000), st.booleans(), st.booleans()),
+        max_size=3 * ANSWER_BATCH,
+    )
+)
+def test_done_answer_is_done_with_the_answers_counts(
+    requests: list[tuple[float, float, int, int, bool, bool]],
+) -> None:
+    """Deferred reading changes nothing: the same events through done() and through
+    done_answer() give the same windows, whenever they are taken or peeked at."""
+    events: list[tuple[float, int, int, int, bool]] = []
+    for start, duration, i, o, _, peek in requests:
+        events.append((start, 0, 0, 0, peek))
+        events.append((start + duration, 1, i, o, peek))
+    events.sort()
+    direct, deferred = ModelTrace(7, 0.0), ModelTrace(7, 0.0)
+    taken: tuple[list[object], list[object]] = ([], [])
+    for now, kind, i, o, peek in events:
+        if kind == 0:
+            direct.add(now)
+            deferred.add(now)
+        else:
+            direct.done(now, i, o)
+            deferred.done_answer(now, answer(i, o))
+        if peek:
+            assert direct.peek_open() == deferred.peek_open()
+        taken[0].extend(direct.take_finished(now))
+        taken[1].extend(deferred.take_finished(now))
+    assert direct.take_open() == deferred.take_open()
+    assert taken[0] == taken[1]
 
 
 # -- serialisation and merge -------------------------------------------------------------
