@@ -6,7 +6,7 @@ import math
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.trace import (
@@ -327,6 +327,7 @@ def test_whole_answers_are_held_a_batch_at_most() -> None:
                                pending=0)  # fmt: skip
 
 
+@settings(deadline=None)  # CPU-bound and bounded; a busy CI core must not fail it
 @given(
     st.lists(
         st.tuples(st.floats(0, 50, allow_nan=False), st.floats(0, 30, allow_nan=False),

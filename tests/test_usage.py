@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.core.usage import (
@@ -157,6 +157,7 @@ _usage = st.fixed_dictionaries(
 ABSENT = object()
 
 
+@settings(deadline=None)  # CPU-bound and bounded; a busy CI core must not fail it
 @given(
     st.dictionaries(st.sampled_from(["id", "choices", "a", "x"]), _json, max_size=4),
     st.one_of(st.just(ABSENT), _usage, _json),
