@@ -221,7 +221,7 @@ class Exchange:
     mirror: ShadowPolicy | None = None
     request_copy: BoundedCopy | None = None
     answer_copy: BoundedCopy | None = None
-    traced: bool = False  # the answer's token counts are wanted (load traces are on)
+    trace: LoadTrace | None = None  # the backend model's load trace, when traces are on
     tokens: TokenCounts = NO_USAGE  # (prompt, completion) from a streamed answer's usage
     answer: bytes | None = None  # or the whole answer, when traced: its trace reads usage
     answered: bool = False  # the backend sent an answer (its headers at least)
@@ -315,7 +315,7 @@ class Proxy:
             if trace is None:
                 trace = self._traces[pool.model] = tracer.trace_of(pool.model)
             trace.add(tracer.clock())
-            exchange.traced = True
+            exchange.trace = trace
         exchange.metrics.in_flight.inc()
         try:
             return await self._forward(exchange)
@@ -456,7 +456,7 @@ class Proxy:
             exchange.request_id,
             exchange.variant,
         )
-        traced = exchange.traced
+        traced = exchange.trace is not None
         copy: BoundedCopy | None = None
         if exchange.mirror is not None:
             copy = exchange.answer_copy = BoundedCopy(exchange.mirror.config.max_body_bytes)

@@ -1,8 +1,10 @@
-"""Token counts from an answer's OpenAI-style ``usage``, read as the answer streams by.
+"""Token counts from an answer's OpenAI-style ``usage``.
 
-The proxy never buffers an answer to read it: it hands each chunk to a ``UsageSniffer``,
-which keeps references to the first and last few kilobytes only. At the end the last
-``"usage"`` object in what was kept gives the counts. That covers a plain JSON answer
+The proxy never buffers an answer to read it. An answer that arrived whole is read with
+``usage_of_answer`` (by the load trace, a batch at a time); a streamed one is handed
+chunk by chunk to a ``UsageSniffer``, which keeps references to the first and last few
+kilobytes only, and at the end the last ``"usage"`` object in what was kept gives the
+counts. That covers a plain JSON answer
 (``usage`` is a top-level field, usually last) and a streamed SSE answer (the final
 ``data:`` event carries ``usage``; earlier ones may carry ``"usage": null``).
 """
@@ -98,7 +100,7 @@ class _HeadAndTail:
 def usage_of_answer(data: bytes) -> TokenCounts:
     """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
     else holding a ``"usage": {...}`` (an event stream). Runs for every traced answer,
-    hence one function with its steps written out."""
+    hence its steps written out here rather than split into helpers."""
     key = data.rfind(_USAGE_KEY)
     if key == -1:
         return NO_USAGE  # the usual answer of a model that is not a language model
