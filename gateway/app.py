@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import signal
@@ -18,7 +19,7 @@ from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
 from gateway.core.usage import usage_of_answer
 from gateway.h1 import UpstreamClient
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, multiprocess_dir, sync_periodically
 from gateway.proxy import Proxy
 from gateway.routing import RouteMatcher, Router
 from gateway.runtime import RouteRuntime, build_route
@@ -78,6 +79,7 @@ class Gateway:
         self._proxy: Proxy | None = None
         self._proxy_runner: web.ServerRunner | None = None
         self._admin_runner: web.AppRunner | None = None
+        self._metrics_sync: asyncio.Task[None] | None = None
         self._status = "starting"
         self.proxy_port = 0
         self.admin_port = 0
@@ -221,6 +223,10 @@ class Gateway:
         )
         await admin_site.start()
         self.admin_port = _bound_port(self._admin_runner)
+        if multiprocess_dir() is not None:
+            self._metrics_sync = asyncio.create_task(
+                sync_periodically(self.metrics), name="metrics-sync"
+            )
         self._status = "ready"
         log.info(
             "gateway listening on %s:%d (admin %s:%d), %d routes",
@@ -255,6 +261,14 @@ class Gateway:
         if self._admin_runner is not None:
             await self._admin_runner.cleanup()
             self._admin_runner = None
+        if self._metrics_sync is not None:
+            self._metrics_sync.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._metrics_sync
+            self._metrics_sync = None
+        # The last requests' counts: under --workers they outlive this process in its
+        # metric files.
+        self.metrics.sync()
         self._status = "stopped"
 
     async def serve_until_signalled(self) -> None:

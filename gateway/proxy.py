@@ -316,11 +316,11 @@ class Proxy:
                 trace = self._traces[pool.model] = tracer.trace_of(pool.model)
             trace.add(tracer.clock())
             exchange.trace = trace
-        exchange.metrics.in_flight.inc()
+        exchange.metrics.in_flight += 1
         try:
             return await self._forward(exchange)
         finally:
-            exchange.metrics.in_flight.dec()
+            exchange.metrics.in_flight -= 1
             if tracer is not None and trace is not None:
                 if exchange.answer is not None:
                     trace.done_answer(tracer.clock(), exchange.answer)

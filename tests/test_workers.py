@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import free_port
+from gateway.metrics import SYNC_SECONDS
 from tests.conftest import StartApp
 from tests.support import gateway_document, named_app, spawn_gateway
 
@@ -60,11 +61,20 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
                 async with session.post(f"{proxy}/p", headers={"X-Request-ID": f"w-{i}"}) as r:
                     assert r.status == 200
                     assert (await r.json())["backend"] == "one"
-            # Every scrape, whichever worker answers it, sees all 200.
-            for _ in range(6):
+            # Each worker moves its counts into the shared files at least every
+            # SYNC_SECONDS; after that every scrape, whichever worker answers it, sees
+            # exactly all 200.
+            expected = {("r", "champion", "200"): 200.0}
+            deadline = time.monotonic() + 5 * SYNC_SECONDS
+            counts: dict[tuple[str, str, str], float] = {}
+            while counts != expected:
+                assert time.monotonic() < deadline, f"scrapes never added up: {counts}"
                 async with session.get(f"{admin}/metrics") as response:
                     counts = requests_total(await response.text())
-                assert counts == {("r", "champion", "200"): 200.0}
+                await asyncio.sleep(0.05)
+            for _ in range(6):
+                async with session.get(f"{admin}/metrics") as response:
+                    assert requests_total(await response.text()) == expected
 
             # A weight set through one worker reaches the other through the state store.
             async with session.put(
