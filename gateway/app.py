@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Mapping
@@ -271,23 +272,45 @@ class Gateway:
         self.metrics.sync()
         self._status = "stopped"
 
-    async def serve_until_signalled(self) -> None:
-        """Run until SIGTERM or SIGINT, then drain and stop."""
+    async def serve_until_signalled(self, *, supervisor: int | None = None) -> None:
+        """Run until SIGTERM or SIGINT, then drain and stop.
+
+        ``supervisor`` is for ``--workers``: the PID of the process that started this
+        worker. Should it die (even by SIGKILL, which it cannot pass on), the worker
+        drains and stops too, instead of serving on with nobody left to stop or
+        restart it."""
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await self.start()
         tune_gc()
+        watchdog = (
+            asyncio.create_task(_wait_until_orphaned(supervisor), name="orphan-watch")
+            if supervisor is not None
+            else None
+        )
+        if watchdog is not None:
+            watchdog.add_done_callback(lambda _: stop.set())
         try:
             await stop.wait()
-            log.info(
-                "signal received: draining (up to %gs)", self.config.server.drain_timeout_seconds
-            )
+            reason = "supervisor gone" if watchdog is not None and watchdog.done() else "signal"
+            log.info("%s: draining (up to %gs)", reason, self.config.server.drain_timeout_seconds)
         finally:
+            if watchdog is not None:
+                watchdog.cancel()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+async def _wait_until_orphaned(parent: int, interval: float = 0.5) -> None:
+    """Return once this process's parent is no longer ``parent`` (it died and the
+    process was handed to init or a subreaper), at once if that happened already."""
+    # Polling: nothing signals a parent's death to a child that did not ask the kernel
+    # for it (prctl), and a worker must not depend on how it was started.
+    while os.getppid() == parent:  # noqa: ASYNC110
+        await asyncio.sleep(interval)
 
 
 def tune_gc() -> None:

@@ -54,13 +54,13 @@ def cmd_run(args: argparse.Namespace) -> int:
         _print_config_error(error)
         return 1
     workers = args.workers or config.server.workers
-    if workers > 1 and not args.worker:
+    if workers > 1 and args.worker is None:
         from gateway.workers import supervise
 
         return supervise(args.config, workers, ["--log-level", args.log_level])
-    gateway = Gateway(config, args.config, reuse_port=args.worker)
+    gateway = Gateway(config, args.config, reuse_port=args.worker is not None)
     try:
-        run_async(gateway.serve_until_signalled())
+        run_async(gateway.serve_until_signalled(supervisor=args.worker))
     except OSError as error:
         print(f"gateway: cannot start: {error}", file=sys.stderr)
         return 1
@@ -139,7 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=None, help="worker processes (default: server.workers)"
     )
     # Set by the supervisor on the processes it starts.
-    run.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    # Set by the supervisor of --workers: its PID, so that a worker it started stops
+    # when it is gone.
+    run.add_argument("--worker", type=int, metavar="SUPERVISOR_PID", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
     check = commands.add_parser("check", help="validate a config file")

@@ -41,7 +41,7 @@ def supervise(config_path: str, workers: int, extra_args: Sequence[str] = ()) ->
         # mark_process_dead.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
         command = [sys.executable, "-m", "gateway.cli", *extra_args, "run", "-c", config_path]
-        command += ["--worker"]
+        command += ["--worker", str(os.getpid())]
         stopping = False
 
         def start() -> tuple[subprocess.Popen[bytes], float]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import time
 from pathlib import Path
@@ -97,3 +98,55 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting for whoever adopted it to reap it."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+async def test_workers_stop_when_the_supervisor_is_killed(
+    start_app: StartApp, tmp_path: Path
+) -> None:
+    """SIGKILL reaches only the supervisor; its workers must not serve on, unsupervised."""
+    one = await start_app(named_app("one"))
+    port = free_port()
+    document = gateway_document(
+        {"one": {"url": one}},
+        [{"name": "r", "match": {"path_prefix": "/"}, "champion": "one"}],
+        server={"port": port},
+        admin={"port": free_port()},
+        state={"path": str(tmp_path / "state.db")},
+        tracing={"enabled": False},
+    )
+    process = await spawn_gateway(document, tmp_path, "--workers", "2")
+    workers: list[int] = []
+    try:
+        assert process.stdout is not None
+        async with asyncio.timeout(20):
+            while not workers:
+                line = (await process.stdout.readline()).decode()
+                assert line, "the supervisor exited before starting its workers"
+                if "started 2 workers:" in line:
+                    workers = [int(pid) for pid in line.rsplit(":", 1)[1].split(",")]
+        assert all(running(pid) for pid in workers)
+        process.kill()
+        # Not process.wait(): before Python 3.12 it also waits for the output pipe,
+        # which the workers hold open until they exit.
+        deadline = time.monotonic() + 15
+        while any(running(pid) for pid in workers):
+            assert time.monotonic() < deadline, "orphaned workers kept running"
+            await asyncio.sleep(0.1)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        for pid in workers:
+            if running(pid):
+                os.kill(pid, signal.SIGKILL)
