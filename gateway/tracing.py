@@ -27,6 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.core.trace import (
+    AnswerBatch,
     FinishedWindow,
     ModelTrace,
     serialize,
@@ -139,6 +140,7 @@ class TraceWriter:
         self._retry_seconds = retry_seconds
         self._max_backlog = max_backlog
         self._traces: dict[str, ModelTrace] = {}
+        self._answers = AnswerBatch()  # whole answers of all models, read a batch at a time
         self._recent: dict[str, deque[dict[str, Any]]] = {}
         self._backlog: deque[_PendingWrite] = deque()
         self.writer_id = uuid.uuid4().hex
@@ -154,7 +156,7 @@ class TraceWriter:
         Python calls fewer per request than going through the methods below."""
         trace = self._traces.get(model)
         if trace is None:
-            trace = self._traces[model] = ModelTrace(self.interval, self.clock())
+            trace = self._traces[model] = ModelTrace(self.interval, self.clock(), self._answers)
         return trace
 
     def add(self, model: str) -> TraceHandle:

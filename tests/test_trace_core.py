@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gateway.core.trace import (
     _SMALL_COUNTS,
     ANSWER_BATCH,
+    AnswerBatch,
     ModelTrace,
     exact_bucket,
     merge,
@@ -320,7 +321,7 @@ def test_whole_answers_are_held_a_batch_at_most() -> None:
     for n in range(3 * ANSWER_BATCH + 1):
         t.add(1001.0)
         t.done_answer(1001.0, body)
-        assert len(t._answers) < ANSWER_BATCH, n  # read whenever a batch fills up
+        assert len(t._answers.answers) < ANSWER_BATCH, n  # read whenever a batch fills up
         assert t.pending == 0
     [w] = t.take_finished(1010.0)
     assert w.trace == snapshot({"16:20": 3 * ANSWER_BATCH + 1}, total=3 * ANSWER_BATCH + 1,
@@ -359,6 +360,49 @@ def test_done_answer_is_done_with_the_answers_counts(
         taken[0].extend(direct.take_finished(now))
         taken[1].extend(deferred.take_finished(now))
     assert direct.take_open() == deferred.take_open()
+    assert taken[0] == taken[1]
+
+
+@settings(deadline=None)  # CPU-bound and bounded; a busy CI core must not fail it
+@given(
+    st.lists(
+        st.tuples(st.integers(0, 2), st.floats(0, 50, allow_nan=False),
+                  st.floats(0, 30, allow_nan=False), st.integers(0, 5000),
+                  st.integers(0, 5000), st.booleans()),
+        max_size=3 * ANSWER_BATCH,
+    )
+)
+def test_models_sharing_a_batch_count_like_separate_done_calls(
+    requests: list[tuple[int, float, float, int, int, bool]],
+) -> None:
+    """Three models share one batch of unread answers (as under one trace writer): each
+    model's windows are what done() with the answer's counts gives, whichever model's
+    window closes or is looked at first."""
+    events: list[tuple[float, int, int, int, int, bool]] = []
+    for model, start, duration, i, o, peek in requests:
+        events.append((start, 0, model, 0, 0, peek))
+        events.append((start + duration, 1, model, i, o, peek))
+    events.sort()
+    batch = AnswerBatch()
+    direct = [ModelTrace(7, 0.0) for _ in range(3)]
+    deferred = [ModelTrace(7, 0.0, batch) for _ in range(3)]
+    taken: tuple[list[object], list[object]] = ([], [])
+    for now, kind, model, i, o, peek in events:
+        if kind == 0:
+            direct[model].add(now)
+            deferred[model].add(now)
+        else:
+            direct[model].done(now, i, o)
+            deferred[model].done_answer(now, answer(i, o))
+        assert len(batch.answers) < ANSWER_BATCH  # bounded across models
+        if peek:
+            other = (model + 1) % 3
+            assert direct[other].peek_open() == deferred[other].peek_open()
+        taken[0].extend(direct[model].take_finished(now))
+        taken[1].extend(deferred[model].take_finished(now))
+    for a, b in zip(direct, deferred, strict=True):
+        taken[0].extend(a.take_finished(1e6))
+        taken[1].extend(b.take_finished(1e6))
     assert taken[0] == taken[1]
 
 

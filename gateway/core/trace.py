@@ -28,7 +28,7 @@ from gateway.core.usage import usage_of_answer
 
 TRACE_VERSION = 3
 # Whole answers kept (by reference) before their token counts are read: at most this many
-# per model, so a few hundred kB for chat-sized answers.
+# for all models of a writer together, so a few hundred kB for chat-sized answers.
 ANSWER_BATCH = 64
 # Buckets are log2(tokens) in steps of 1/PRECISION; AIBrix divides by meta_precision.
 PRECISION = 10
@@ -143,6 +143,34 @@ def _pair_text(pair: int) -> str:
     return f"{pair >> _PAIR_SHIFT}:{pair & _PAIR_MASK}"
 
 
+class AnswerBatch:
+    """Whole answers that finished, their token counts not read yet, of every model that
+    shares the batch (one per trace writer).
+
+    One batch for all models keeps what is held bounded by ``ANSWER_BATCH`` however many
+    models there are, and reads it while it is still in the CPU's caches. Any model's
+    window closing (or being shown) reads the whole batch first; every answer in it
+    then still counts into the window of its own model that was open when it finished,
+    because that window cannot have closed without reading the batch.
+    """
+
+    __slots__ = ("answers", "traces")
+
+    def __init__(self) -> None:
+        self.traces: list[ModelTrace] = []
+        self.answers: list[bytes] = []
+
+    def count(self) -> None:
+        """Read every held answer's ``usage`` into its model's open window."""
+        traces, answers = self.traces, self.answers
+        self.traces, self.answers = [], []
+        for trace, answer in zip(traces, answers, strict=True):
+            in_tokens, out_tokens = usage_of_answer(answer)
+            pair = (token_bucket(in_tokens) << _PAIR_SHIFT) | token_bucket(out_tokens)
+            counts = trace._counts  # the open window of the answer's own model
+            counts[pair] = counts.get(pair, 0) + 1
+
+
 class ModelTrace:
     """The trace of one model: the open window, the live pending gauge, closed windows.
 
@@ -170,7 +198,7 @@ class ModelTrace:
         "pending",
     )
 
-    def __init__(self, interval: int, now: float) -> None:
+    def __init__(self, interval: int, now: float, answers: AnswerBatch | None = None) -> None:
         if interval <= 0:
             raise ValueError(f"interval must be positive, got {interval}")
         self.interval = interval
@@ -182,8 +210,9 @@ class ModelTrace:
         self._total = 0
         self._counts: dict[int, int] = {}
         self._finished: list[FinishedWindow] = []
-        # Whole answers that finished in the open window, their tokens not read yet.
-        self._answers: list[bytes] = []
+        # Whole answers that finished, their tokens not read yet (shared with the other
+        # models of the same writer).
+        self._answers = answers if answers is not None else AnswerBatch()
 
     @property
     def term(self) -> int:
@@ -217,11 +246,13 @@ class ModelTrace:
         they finished in is closed or shown, so each still counts exactly there."""
         if now >= self._boundary:
             self._close(now)
-        answers = self._answers
+        batch = self._answers
+        batch.traces.append(self)
+        answers = batch.answers
         answers.append(answer)
         self.pending -= 1
         if len(answers) >= ANSWER_BATCH:
-            self._count_answers()
+            batch.count()
 
     def discard(self, now: float) -> None:
         """End a request that produced no answer: it leaves the pending gauge only."""
@@ -258,17 +289,9 @@ class ModelTrace:
         self._end = window_end(now, self.interval)
         self._boundary = float(self._end)
 
-    def _count_answers(self) -> None:
-        answers, self._answers = self._answers, []
-        counts = self._counts
-        for answer in answers:
-            in_tokens, out_tokens = usage_of_answer(answer)
-            pair = (token_bucket(in_tokens) << _PAIR_SHIFT) | token_bucket(out_tokens)
-            counts[pair] = counts.get(pair, 0) + 1
-
     def _snapshot_open(self) -> FinishedWindow | None:
-        if self._answers:
-            self._count_answers()
+        if self._answers.answers:
+            self._answers.count()
         if not self._total and not self._counts:
             return None
         trace: TraceSnapshot = {_pair_text(p): n for p, n in self._counts.items()}
