@@ -25,7 +25,8 @@ class KeySource:
     @classmethod
     def parse(cls, spec: str) -> KeySource:
         if spec == "request_id":
-            return cls(KeyKind.REQUEST_ID)
+            # The usual key: one object for every route, so it stays in cache.
+            return REQUEST_ID_KEY
         kind, _, name = spec.partition(":")
         return cls(KeyKind(kind), name)
 
@@ -42,3 +43,6 @@ class KeySource:
         else:
             value = request.query.get(self.name)
         return value if value else request_id
+
+
+REQUEST_ID_KEY = KeySource(KeyKind.REQUEST_ID)

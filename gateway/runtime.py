@@ -28,20 +28,21 @@ class RouteRuntime:
     shadow: ShadowPolicy | None = None
     weight: float = 0.0
     threshold: int = 0
+    # Copied out of ``config`` because the proxy reads them on every request: a slot
+    # here is one lookup in an object already in cache, the config two pydantic objects
+    # further (which, over many routes, are rarely in cache).
+    salt: str = field(init=False)
+    allow_override: bool = field(init=False)
     # Called after every weight change (metrics gauge, persistence).
     on_weight_change: list[Callable[[RouteRuntime], None]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.salt = self.config.split.salt
+        self.allow_override = self.config.split.allow_override
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    @property
-    def salt(self) -> str:
-        return self.config.split.salt
-
-    @property
-    def allow_override(self) -> bool:
-        return self.config.split.allow_override
 
     def pool(self, variant: Variant) -> BackendPool:
         if variant is Variant.CHALLENGER and self.challenger is not None:
