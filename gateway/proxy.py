@@ -267,17 +267,17 @@ class Proxy:
             await _send_continue(request)
 
         # 1. Route. The body is read only when a candidate route matches on its model.
-        groups = self.router.candidates(request.path)
+        match = self.router.match(request.path)
         body: bytes | None = None
         model: str | None = None
-        if any(group.needs_body for group in groups):
+        if match.needs_body:
             try:
                 body = await read_body(request, self.max_body_bytes)
             except BodyTooLarge:
                 return self._too_large(self.unrouted, request_id, started)
             model = body_model(body)
         route: RouteRuntime | None = None
-        for group in groups:
+        for group in match.groups:
             route = group.select(request.headers, model)
             if route is not None:
                 break

@@ -50,6 +50,24 @@ class Candidates(Generic[T]):
         return None
 
 
+@dataclass(frozen=True, slots=True)
+class PathMatch(Generic[T]):
+    """Every prefix group matching one path, longest prefix first.
+
+    Shorter prefixes are kept as fallbacks: a request for ``/v1/chat`` whose body names a
+    model no ``/v1/chat`` route serves may still belong to a ``/v1`` route.
+    """
+
+    groups: tuple[Candidates[T], ...]
+    needs_body: bool  # some group matches on the body's model: read the body first
+
+
+# Distinct paths whose matches are remembered. A gateway sees few distinct paths (one per
+# model and verb); should it see more (IDs in paths, a scan), the memory starts over
+# when full, so it never grows past this.
+PATH_CACHE_SIZE = 4096
+
+
 class Router(Generic[T]):
     """Longest ``path_prefix`` wins; among equal prefixes, routes with more conditions
     (model, header) are tried first, then config order.
@@ -70,21 +88,27 @@ class Router(Generic[T]):
         # Checking each distinct prefix length, longest first, costs at most one dict
         # lookup per length, however many routes there are.
         self._lengths = sorted({len(p) for p in self._by_prefix}, reverse=True)
+        self._matches: dict[str, PathMatch[T]] = {}
 
-    def candidates(self, path: str) -> list[Candidates[T]]:
-        """Every prefix group matching ``path``, longest prefix first.
+    def match(self, path: str) -> PathMatch[T]:
+        """The prefix groups matching ``path``: one dict lookup for a path seen before."""
+        found = self._matches.get(path)
+        if found is None:
+            found = self._match(path)
+            if len(self._matches) >= PATH_CACHE_SIZE:
+                self._matches.clear()
+            self._matches[path] = found
+        return found
 
-        Shorter prefixes are kept as fallbacks: a request for ``/v1/chat`` whose body names
-        a model no ``/v1/chat`` route serves may still belong to a ``/v1`` route.
-        """
-        found: list[Candidates[T]] = []
+    def _match(self, path: str) -> PathMatch[T]:
+        groups: list[Candidates[T]] = []
         path_length = len(path)
         for length in self._lengths:
             if length <= path_length:
                 group = self._by_prefix.get(path[:length])
                 if group is not None:
-                    found.append(group)
-        return found
+                    groups.append(group)
+        return PathMatch(tuple(groups), any(group.needs_body for group in groups))
 
 
 def _specificity(matcher: RouteMatcher[Any]) -> int:

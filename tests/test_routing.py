@@ -1,0 +1,53 @@
+"""Route matching (``gateway.routing``): pure, no sockets."""
+
+from __future__ import annotations
+
+from gateway.routing import PATH_CACHE_SIZE, RouteMatcher, Router
+
+
+def router() -> Router[str]:
+    return Router(
+        [
+            RouteMatcher("/v1", "v1-anything"),
+            RouteMatcher("/v1/chat", "chat-llama", model="llama"),
+            RouteMatcher("/v1/chat", "chat-default"),
+            RouteMatcher("/v1/chat", "chat-canary", header_name="x-canary", header_value="1"),
+            RouteMatcher("/v2/models/a", "a"),
+        ]
+    )
+
+
+def picked(r: Router[str], path: str, headers: dict[str, str], model: str | None) -> str | None:
+    for group in r.match(path).groups:
+        target = group.select(headers, model)
+        if target is not None:
+            return target
+    return None
+
+
+def test_longest_prefix_first_with_shorter_ones_as_fallbacks() -> None:
+    r = router()
+    match = r.match("/v1/chat/completions")
+    assert [[m.target for m in g.matchers] for g in match.groups] == [
+        ["chat-llama", "chat-canary", "chat-default"],  # more conditions first, then order
+        ["v1-anything"],
+    ]
+    assert match.needs_body  # a /v1/chat route matches on the body's model
+    assert not r.match("/v1/embeddings").needs_body
+    assert r.match("/v3").groups == ()
+    assert picked(r, "/v1/chat/completions", {}, "llama") == "chat-llama"
+    assert picked(r, "/v1/chat/completions", {"x-canary": "1"}, "other") == "chat-canary"
+    assert picked(r, "/v1/chat/completions", {}, None) == "chat-default"
+    assert picked(r, "/v2/models/a:predict", {}, None) == "a"
+    assert picked(r, "/v2/models/b:predict", {}, None) is None
+
+
+def test_remembered_matches_equal_fresh_ones_and_stay_bounded() -> None:
+    r, fresh = router(), router()
+    paths = [
+        f"/v1/chat/{i}" if i % 3 else f"/v2/models/a{i}" for i in range(PATH_CACHE_SIZE * 2 + 7)
+    ]
+    for path in paths + paths[::-1]:
+        assert r.match(path) == fresh._match(path)
+        assert len(r._matches) <= PATH_CACHE_SIZE
+    assert r.match("/v1/chat/1") is r.match("/v1/chat/1")  # the same object when remembered
