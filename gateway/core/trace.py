@@ -166,7 +166,11 @@ class AnswerBatch:
         self.traces, self.answers = [], []
         for trace, answer in zip(traces, answers, strict=True):
             in_tokens, out_tokens = usage_of_answer(answer)
-            pair = (token_bucket(in_tokens) << _PAIR_SHIFT) | token_bucket(out_tokens)
+            # token_bucket() inlined for the usual counts, as in ModelTrace.done().
+            if 0 <= in_tokens < _SMALL_COUNTS and 0 <= out_tokens < _SMALL_COUNTS:
+                pair = (_SMALL_BUCKETS[in_tokens] << _PAIR_SHIFT) | _SMALL_BUCKETS[out_tokens]
+            else:
+                pair = (token_bucket(in_tokens) << _PAIR_SHIFT) | token_bucket(out_tokens)
             counts = trace._counts  # the open window of the answer's own model
             counts[pair] = counts.get(pair, 0) + 1
 
