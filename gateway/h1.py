@@ -58,6 +58,10 @@ class Origin:
     port: int
     tls: bool
     host_header: str  # "host" or "host:port", as the Host header should read
+    # What the connection pool is keyed by. A str hashes once and compares in C; this
+    # dataclass's own hash and == are Python calls, and == runs on every lookup when
+    # many endpoints (one Origin each) share an address.
+    key: str
 
     @classmethod
     def parse(cls, scheme: str, host: str, port: int | None) -> Origin:
@@ -67,7 +71,7 @@ class Origin:
         shown = host if real_port == default else f"{host}:{real_port}"
         if ":" in host and not host.startswith("["):  # IPv6 literal
             shown = f"[{host}]" if real_port == default else f"[{host}]:{real_port}"
-        return cls(host, real_port, tls, shown)
+        return cls(host, real_port, tls, shown, f"{'https' if tls else 'http'}://{shown}")
 
 
 class _Connection(asyncio.Protocol):
@@ -335,7 +339,7 @@ class UpstreamClient:
     """Pooled HTTP/1.1 connections to the backends' endpoints."""
 
     def __init__(self, ssl_context: ssl_module.SSLContext | None = None) -> None:
-        self._idle: dict[Origin, deque[_Connection]] = {}
+        self._idle: dict[str, deque[_Connection]] = {}  # by Origin.key
         self._ssl = ssl_context
         self._closed = False
 
@@ -428,7 +432,7 @@ class UpstreamClient:
         return UpstreamResponse(conn)
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
-        idle = self._idle.get(origin)
+        idle = self._idle.get(origin.key)
         if not idle:
             return None
         while idle:
@@ -444,8 +448,11 @@ class UpstreamClient:
         if self._closed:
             conn.close()
             return
-        idle = self._idle.setdefault(conn.origin, deque())
-        if len(idle) >= MAX_IDLE_PER_ENDPOINT:
+        key = conn.origin.key
+        idle = self._idle.get(key)
+        if idle is None:
+            idle = self._idle[key] = deque()
+        elif len(idle) >= MAX_IDLE_PER_ENDPOINT:
             conn.close()
             return
         conn.head = None

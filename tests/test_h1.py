@@ -101,6 +101,16 @@ async def test_keep_alive_reuses_one_connection(
     for _ in range(5):
         assert await body_of(client, origin) == (200, b"ok")
     assert connections == 1
+    # Endpoints of different backends at the same address (each with its own Origin)
+    # share the pooled connection; another address gets its own.
+    same = Origin.parse("http", "127.0.0.1", origin.port)
+    assert same is not origin and same.key == origin.key
+    assert await body_of(client, same) == (200, b"ok")
+    assert connections == 1
+    by_name = Origin.parse("http", "localhost", origin.port)
+    assert by_name.key != origin.key
+    assert await body_of(client, by_name) == (200, b"ok")
+    assert connections == 2
 
 
 async def test_a_closed_idle_connection_is_retried_on_a_new_one(
