@@ -21,6 +21,8 @@ from gateway.h1 import Origin
 EJECT_AFTER_FAILURES = 5
 EJECTION_SECONDS = 10.0
 
+_random = random.random
+
 
 @dataclass(slots=True)
 class Endpoint:
@@ -87,14 +89,31 @@ class BackendPool:
                 if endpoint.ejected_until == 0.0 or endpoint.ejected_until <= self.clock():
                     return endpoint
             return None
+        # random and least_request draw from all endpoints, in O(1), as long as the drawn
+        # ones were never ejected (the clock is not even read); otherwise they draw
+        # again from the list of healthy endpoints.
+        count = len(endpoints)
+        i = int(_random() * count)  # random() < 1, so i < count
+        first = endpoints[i]
+        if self.strategy == "random":
+            if first.ejected_until == 0.0:
+                return first
+            return self._pick_healthy()
+        # least_request as Envoy does it: the less busy of two distinct random endpoints.
+        # Ties spread evenly, and no endpoint takes every new request while it looks idle.
+        j = int(_random() * (count - 1))  # uniform over the other count - 1
+        second = endpoints[j + 1 if j >= i else j]
+        if first.ejected_until == 0.0 and second.ejected_until == 0.0:
+            return first if first.active <= second.active else second
+        return self._pick_healthy()
+
+    def _pick_healthy(self) -> Endpoint | None:
         now = self.clock()
-        healthy = [e for e in endpoints if e.ejected_until <= now]
+        healthy = [e for e in self.endpoints if e.ejected_until <= now]
         if not healthy:
             return None
         if self.strategy == "random" or len(healthy) == 1:
             return random.choice(healthy)
-        # least_request as Envoy does it: the less busy of two random endpoints. Ties
-        # spread evenly, and no endpoint takes every new request while it looks idle.
         first, second = random.sample(healthy, 2)
         return first if first.active <= second.active else second
 

@@ -92,3 +92,55 @@ def test_endpoint_keeps_its_base_path_and_the_raw_target() -> None:
     assert endpoint.target("/v1/x%2Fy?q=a%20b") == "/serving/v1/x%2Fy?q=a%20b"
     tls = BackendPool.from_config("t", BackendConfig(url="https://model")).endpoints[0]
     assert (tls.origin.port, tls.origin.tls, tls.origin.host_header) == (443, True, "model")
+
+
+@pytest.mark.parametrize("strategy", ["random", "least_request"])
+def test_random_draws_are_uniform_and_distinct_pairs_cover_every_endpoint(strategy: str) -> None:
+    """With equal load every endpoint is picked about equally often: least_request's
+    second draw must not favour the neighbour of the first."""
+    p = pool(strategy, 5, Clock())
+    picks = Counter(p.pick().base for _ in range(20_000))  # type: ignore[union-attr]
+    assert len(picks) == 5
+    assert max(picks.values()) / min(picks.values()) < 1.15, picks
+
+
+def test_least_request_never_compares_an_endpoint_with_itself() -> None:
+    p = pool("least_request", 2, Clock())
+    busy, idle = p.endpoints
+    busy.active = 9
+    # Two endpoints: the pair is always both, so the idle one always wins.
+    assert all(p.pick() is idle for _ in range(200))
+
+
+class CompareSpy:
+    """An endpoint that notes each time least_request reads its load."""
+
+    ejected_until = 0.0
+
+    def __init__(self, name: int, log: list[int]) -> None:
+        self.name, self._log = name, log
+
+    @property
+    def active(self) -> int:
+        self._log.append(self.name)
+        return 0
+
+
+def test_least_request_draws_every_pair_equally_often(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Drawing every (first, second) cell of the random grid once compares every ordered
+    pair of distinct endpoints exactly once."""
+    n = 5
+    draws = iter(
+        value
+        for a in range(n)
+        for b in range(n - 1)
+        for value in ((a + 0.5) / n, (b + 0.5) / (n - 1))
+    )
+    monkeypatch.setattr("gateway.upstream._random", lambda: next(draws))
+    p = pool("least_request", n, Clock())
+    log: list[int] = []
+    p.endpoints = [CompareSpy(m, log) for m in range(n)]  # type: ignore[misc]
+    for _ in range(n * (n - 1)):
+        p.pick()
+    pairs = Counter(zip(log[::2], log[1::2], strict=True))
+    assert pairs == Counter((a, b) for a in range(n) for b in range(n) if a != b)
