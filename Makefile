@@ -25,7 +25,7 @@ run: $(STAMP)
 test: $(STAMP)
 	$(BIN)/pytest
 
-## lint: ruff and mypy (strict) on the package and the tests
+## lint: ruff on the package, tests and bench; mypy (strict) on the package
 lint: $(STAMP)
 	$(BIN)/ruff check gateway tests bench
 	$(BIN)/mypy gateway
