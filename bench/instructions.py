@@ -50,6 +50,7 @@ _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
 _SETTLE_SECONDS = 2.0
 _STARTUP_SECONDS = 180.0
 _IDLE_SECONDS = 5.0
+_TRACE_INTERVAL_SECONDS = 3600  # the longest allowed: see Cell.__init__
 
 
 def _part_number(path: Path) -> int:
@@ -134,6 +135,12 @@ class Cell:
             routes,
             shadow_url=upstream.challenger_url,
         )
+        if feature.traces:
+            # No trace window may close while instructions are counted: closing one
+            # writes every model's window to Redis, per-window work (for 200 models in a
+            # 100-route config, more than thousands of requests' worth) that would land
+            # in the idle rate or the loaded count depending on when the boundary falls.
+            document["tracing"]["interval_seconds"] = _TRACE_INTERVAL_SECONDS
         config = write(document, workdir / f"gateway-{self.name}.yaml")
         self.base_url = f"http://127.0.0.1:{port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
