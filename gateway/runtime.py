@@ -2,7 +2,7 @@
 
 Everything the proxy needs per request is prepared here at load time, so the request
 path is attribute and dict lookups: the sticky-key source, the split threshold, the
-backend pools and the pre-bound metric children.
+backend pools and the per-route metric records.
 """
 
 from __future__ import annotations
