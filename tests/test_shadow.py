@@ -319,13 +319,13 @@ async def test_never_answering_shadow_does_not_slow_clients_and_stays_bounded(
         f"{peaks['policy_in_flight']}; all tasks peak per half {all_tasks_peak}; "
         f"RSS MiB {[round(r / 2**20, 1) for r in rss]}"
     )
-    # Everything shares one event loop here, so loopback latencies are a few ms and their
-    # p99 jitters by a millisecond or two from scheduling alone; 20 % of that is below the
-    # noise, and in a full test run on 2 busy cores a stray collection or a neighbour's
-    # burst moves it by several ms more. The floor of 10 ms is still a fiftieth of what a
-    # shadow on the response path would add: the black hole holds every call for the
-    # 0.5 s shadow timeout.
-    assert p99_shadow <= max(1.2 * p99_plain, p99_plain + 0.010), (p99_plain, p99_shadow)
+    # A shadow on the response path would hold each sampled request for the black hole's
+    # full 0.5 s shadow timeout: with 8 calls at a time that is dozens of the 2,400
+    # requests, so the p99 would rise by about 0.5 s. Everything else shares one event
+    # loop here, where the p99 of a few ms moves by 10-20 ms on 2 busy cores (a stray
+    # collection, a neighbour's burst, the shadow timeouts' own work), so the bound is
+    # a fifth of what that bug would add rather than a share of the noise.
+    assert p99_shadow <= p99_plain + 0.1, (p99_plain, p99_shadow)
 
     # Bounded: never more shadow calls than max_in_flight, no growth of tasks or memory.
     assert 1 <= peaks["runner_tasks"] <= 8
