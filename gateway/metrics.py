@@ -1,8 +1,9 @@
 """Every Prometheus metric of the gateway, defined in one place (DESIGN section 4).
 
 Each gateway instance owns a ``CollectorRegistry`` so that several gateways can live in
-one process (tests, ``gateway demo``). Label children used on the hot path are bound
-once per route and variant, so recording a request is a few attribute lookups.
+one process (tests, ``gateway demo``). Requests are counted per route and variant in
+plain numbers (``RouteMetrics``) and moved into the Prometheus metrics at each scrape, so
+recording a request is a few integer additions.
 """
 
 from __future__ import annotations
@@ -154,6 +155,10 @@ def multiprocess_dir() -> str | None:
     return os.environ.get("PROMETHEUS_MULTIPROC_DIR")
 
 
+# The third label of a per-route counter: a status code or an error reason.
+_Label = int | str
+
+
 class RouteMetrics:
     """One (route, variant)'s request counts, kept as plain numbers.
 
@@ -186,8 +191,8 @@ class RouteMetrics:
         self.route = route
         self.variant = variant
         self.in_flight = 0  # the proxy adds and subtracts directly: no call per request
-        self._codes: dict[int, int] = {}
-        self._errors: dict[str, int] = {}
+        self._codes: dict[_Label, int] = {}  # by status code
+        self._errors: dict[_Label, int] = {}  # by reason
         # Observations per latency bucket, the last one past the largest bound (+Inf).
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._seconds = 0.0
@@ -197,8 +202,8 @@ class RouteMetrics:
         self._synced_in_flight = 0
         # Prometheus children per status code / error reason, made at the first sync
         # that needs them: both sets are small and bounded.
-        self._code_children: dict[int, Counter] = {}
-        self._error_children: dict[str, Counter] = {}
+        self._code_children: dict[_Label, Counter] = {}
+        self._error_children: dict[_Label, Counter] = {}
 
     def count(self, code: int, seconds: float) -> None:
         codes = self._codes
@@ -215,30 +220,26 @@ class RouteMetrics:
         """Add what was counted since the last sync to the Prometheus metrics."""
         if self._codes:
             codes, self._codes = self._codes, {}
-            children = self._code_children
-            for code, n in codes.items():
-                child = children.get(code)
-                if child is None:
-                    child = children[code] = self._metrics.requests.labels(
-                        self.route, self.variant, str(code)
-                    )
-                child.inc(n)
+            self._add_to_counter(self._metrics.requests, self._code_children, codes)
             buckets, self._buckets = self._buckets, [0] * len(self._buckets)
             seconds, self._seconds = self._seconds, 0.0
             add_to_histogram(self._duration, buckets, seconds)
         if self._errors:
             errors, self._errors = self._errors, {}
-            error_children = self._error_children
-            for reason, n in errors.items():
-                error_child = error_children.get(reason)
-                if error_child is None:
-                    error_child = error_children[reason] = self._metrics.upstream_errors.labels(
-                        self.route, self.variant, reason
-                    )
-                error_child.inc(n)
+            self._add_to_counter(self._metrics.upstream_errors, self._error_children, errors)
         if self.in_flight != self._synced_in_flight:
             self._synced_in_flight = self.in_flight
             self._in_flight_child.set(self.in_flight)
+
+    def _add_to_counter(
+        self, counter: Counter, children: dict[_Label, Counter], counts: dict[_Label, int]
+    ) -> None:
+        """Add ``counts`` to ``counter``'s children labelled (route, variant, key)."""
+        for key, n in counts.items():
+            child = children.get(key)
+            if child is None:
+                child = children[key] = counter.labels(self.route, self.variant, str(key))
+            child.inc(n)
 
 
 def add_to_histogram(child: Histogram, bucket_counts: list[int], total: float) -> None:
