@@ -80,36 +80,46 @@ class BackendPool:
             # and refusing it would only hide that the backend came back.
             return only
         if self.strategy == "round_robin":
-            # No list per request: step to the next endpoint that is not ejected; the clock
-            # is read only when an endpoint has been ejected at some point.
+            # No list per request: step to the next endpoint that is not ejected. The clock
+            # is read only for an endpoint under ejection (see _back_in_service).
             count = len(endpoints)
             for _ in range(count):
                 self._next = (self._next + 1) % count
                 endpoint = endpoints[self._next]
-                if endpoint.ejected_until == 0.0 or endpoint.ejected_until <= self.clock():
+                if endpoint.ejected_until == 0.0 or self._back_in_service(endpoint):
                     return endpoint
             return None
         # random and least_request draw from all endpoints, in O(1), as long as the drawn
-        # ones were never ejected (the clock is not even read); otherwise they draw
-        # again from the list of healthy endpoints.
+        # ones are in service; otherwise they draw again from the healthy endpoints.
         count = len(endpoints)
         i = int(_random() * count)  # random() < 1, so i < count
         first = endpoints[i]
         if self.strategy == "random":
-            if first.ejected_until == 0.0:
+            if first.ejected_until == 0.0 or self._back_in_service(first):
                 return first
             return self._pick_healthy()
         # least_request as Envoy does it: the less busy of two distinct random endpoints.
         # Ties spread evenly, and no endpoint takes every new request while it looks idle.
         j = int(_random() * (count - 1))  # uniform over the other count - 1
         second = endpoints[j + 1 if j >= i else j]
-        if first.ejected_until == 0.0 and second.ejected_until == 0.0:
+        if (first.ejected_until == 0.0 or self._back_in_service(first)) and (
+            second.ejected_until == 0.0 or self._back_in_service(second)
+        ):
             return first if first.active <= second.active else second
         return self._pick_healthy()
 
+    def _back_in_service(self, endpoint: Endpoint) -> bool:
+        """Whether an ejected endpoint's ejection is over. Once it is, it is cleared, so
+        picking the endpoint needs no clock read again until its next ejection."""
+        if endpoint.ejected_until <= self.clock():
+            endpoint.ejected_until = 0.0
+            return True
+        return False
+
     def _pick_healthy(self) -> Endpoint | None:
-        now = self.clock()
-        healthy = [e for e in self.endpoints if e.ejected_until <= now]
+        healthy = [
+            e for e in self.endpoints if e.ejected_until == 0.0 or self._back_in_service(e)
+        ]
         if not healthy:
             return None
         if self.strategy == "random" or len(healthy) == 1:

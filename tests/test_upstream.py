@@ -60,6 +60,7 @@ def test_failing_endpoint_is_ejected_then_returns(strategy: str) -> None:
     assert all(p.pick() is not bad for _ in range(60))
     clock.now += EJECTION_SECONDS
     assert any(p.pick() is bad for _ in range(60))
+    assert bad.ejected_until == 0.0  # back in service: cleared, no clock read to pick it
 
 
 def test_success_resets_the_failure_count() -> None:
