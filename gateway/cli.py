@@ -138,7 +138,6 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--workers", type=int, default=None, help="worker processes (default: server.workers)"
     )
-    # Set by the supervisor on the processes it starts.
     # Set by the supervisor of --workers: its PID, so that a worker it started stops
     # when it is gone.
     run.add_argument("--worker", type=int, metavar="SUPERVISOR_PID", help=argparse.SUPPRESS)

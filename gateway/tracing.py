@@ -152,8 +152,8 @@ class TraceWriter:
 
     def trace_of(self, model: str) -> ModelTrace:
         """The model's trace, the same object for the writer's whole life. The proxy keeps
-        it and calls ``add``/``done``/``discard`` on it with ``clock()`` itself: two
-        Python calls fewer per request than going through the methods below."""
+        it and calls ``add``/``done``/``done_answer``/``discard`` on it with ``clock()``
+        itself: two Python calls fewer per request than going through the methods below."""
         trace = self._traces.get(model)
         if trace is None:
             trace = self._traces[model] = ModelTrace(self.interval, self.clock(), self._answers)
