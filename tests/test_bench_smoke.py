@@ -91,3 +91,32 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
     # Both sides were served at once: each got part of the one proxy CPU.
     assert 0.0 < summary["cpu_share_median"] < 1.0
     assert summary["rps_ratio_median"] > 0
+
+
+@pytest.mark.timeout(90)
+def test_scale_mode_measures_the_chosen_cells_in_alternating_order(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    command = [
+        sys.executable, "-m", "bench.run", "--scale", "--cells=1x1,2x2", "--feature=split",
+        "--rounds=2", "--warmup=0", "--duration=1", "--quiet-wait=0", "--retries=0",
+        "--loadgen=python", "--upstream=python", "--connections=4", f"--json={out}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert sorted(result["summaries"]) == ["1x1", "2x2"]
+    for name, summary in result["summaries"].items():
+        assert summary["rps"] > 0 and summary["errors"] == 0, name
+    # Round 1 runs the cells in the given order, round 2 backwards.
+    order = [line.split()[2] for line in done.stderr.splitlines() if line.startswith("[round")]
+    assert order == ["1x1", "2x2", "2x2", "1x1"], done.stderr
+
+
+def test_scale_cells_are_parsed_and_bad_ones_named() -> None:
+    from bench.run import scale_cell
+
+    assert scale_cell("100x8") == (100, 8)
+    assert scale_cell(" 1x1 ") == (1, 1)
+    for bad in ("100", "x8", "ax8", "0x1", "1x0", "1x9"):
+        with pytest.raises(SystemExit, match="--cells"):
+            scale_cell(bad)
