@@ -18,7 +18,14 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.core.compare import Answer
-from gateway.core.split import Variant, bucket_of, choose, parse_override
+from gateway.core.split import (
+    CHAMPION,
+    VARIANT_TEXT,
+    Variant,
+    bucket_of,
+    choose,
+    parse_override,
+)
 from gateway.core.stats import ShadowOutcome
 from gateway.core.usage import NO_USAGE, TokenCounts, UsageSniffer
 from gateway.h1 import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
@@ -153,7 +160,7 @@ def copy_response_headers(
             continue
         headers.add(name, value)
     headers[request_id_header] = request_id
-    headers[VARIANT_HEADER] = variant.value
+    headers[VARIANT_HEADER] = VARIANT_TEXT[variant]
 
 
 async def limited_stream(content: aiohttp.StreamReader, limit: int) -> AsyncIterator[bytes]:
@@ -297,7 +304,7 @@ class Proxy:
         policy = route.shadow
         if (
             policy is not None
-            and variant is Variant.CHAMPION
+            and variant is CHAMPION
             and self.shadow_runner is not None
             and policy.samples(request.method, self._shadow_key(policy, request, request_id))
         ):
@@ -333,11 +340,11 @@ class Proxy:
     def _variant(self, route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
         if route.allow_override:
             forced = parse_override(request.headers.get(VARIANT_HEADER))
-            if forced is not None and (forced is Variant.CHAMPION or route.challenger is not None):
+            if forced is not None and (forced is CHAMPION or route.challenger is not None):
                 return forced
         cut = route.threshold
         if cut <= 0:
-            return Variant.CHAMPION
+            return CHAMPION
         key = route.key_source.extract(request, request_id)
         return choose(bucket_of(key, route.salt), cut)
 

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from gateway.config import RouteConfig
-from gateway.core.split import Variant, threshold
+from gateway.core.split import CHALLENGER, Variant, threshold
 from gateway.keys import KeySource
 from gateway.metrics import Metrics, RouteMetrics
 from gateway.shadow import ShadowPolicy
@@ -45,7 +45,7 @@ class RouteRuntime:
         return self.config.name
 
     def pool(self, variant: Variant) -> BackendPool:
-        if variant is Variant.CHALLENGER and self.challenger is not None:
+        if variant is CHALLENGER and self.challenger is not None:
             return self.challenger
         return self.champion
 
