@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -110,15 +110,35 @@ def error_response(
     )
 
 
-def connection_listed(values: Iterable[str]) -> frozenset[str]:
+_NO_NAMES: frozenset[str] = frozenset()
+# One Connection header's value -> the names it lists. Senders repeat the same value
+# ("keep-alive" on nearly every answer), so parsing it once saves half a microsecond per
+# header; the memory starts over when full, so odd values cannot grow it.
+_LISTED_BY_VALUE: dict[str, frozenset[str]] = {}
+_LISTED_CACHE_SIZE = 256
+
+
+def connection_listed(values: Sequence[str]) -> frozenset[str]:
     """Header names the sender marked hop-by-hop through its ``Connection`` header(s)."""
     if not values:
-        return frozenset()
+        return _NO_NAMES
+    if len(values) > 1:
+        return _parse_connection(values)
+    value = values[0]
+    names = _LISTED_BY_VALUE.get(value)
+    if names is None:
+        if len(_LISTED_BY_VALUE) >= _LISTED_CACHE_SIZE:
+            _LISTED_BY_VALUE.clear()
+        names = _LISTED_BY_VALUE[value] = _parse_connection(values)
+    return names
+
+
+def _parse_connection(values: Sequence[str]) -> frozenset[str]:
     names = {token.strip().lower() for value in values for token in value.split(",")}
     names.discard("")
     # The common "keep-alive"/"close" tokens name no header worth looking for.
     names -= {"close", "keep-alive"}
-    return frozenset(names)
+    return frozenset(names) if names else _NO_NAMES
 
 
 def upstream_request_headers(
@@ -152,13 +172,19 @@ def copy_response_headers(
     variant: Variant,
 ) -> None:
     """Fill the client response's own headers (no intermediate copy)."""
-    incoming = upstream.headers
-    extra = connection_listed([v for k, v in incoming if k.lower() == "connection"])
-    for name, value in incoming:
+    connection: list[str] = []
+    for name, value in upstream.headers:
         lower = name.lower()
-        if lower in HOP_BY_HOP or (extra and lower in extra):
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                connection.append(value)
             continue
         headers.add(name, value)
+    if connection:
+        # Names the backend listed as hop-by-hop, which may have come before their
+        # Connection header: one pass, then take them out again (rarely any).
+        for listed in connection_listed(connection):
+            headers.popall(listed, None)
     headers[request_id_header] = request_id
     headers[VARIANT_HEADER] = VARIANT_TEXT[variant]
 
