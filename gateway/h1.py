@@ -520,6 +520,9 @@ async def _write_stream(conn: _Connection, body: AsyncIterator[bytes], chunked: 
         return  # the backend went away; the reader side reports it
 
 
+_CRLF = "\r\n"
+
+
 def _request_head(
     method: str,
     target: str,
@@ -528,16 +531,20 @@ def _request_head(
     body: BodySource,
     content_length: int | None,
 ) -> bytes:
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    # "name: value" lines joined by C loops (map over str.join), not one f-string each.
+    fields = "\r\n".join(map(": ".join, headers))
     if isinstance(body, bytes):
-        lines.append(f"Content-Length: {len(body)}\r\n")
+        framing = f"Content-Length: {len(body)}\r\n"
     elif body is not None:
         if content_length is not None:
-            lines.append(f"Content-Length: {content_length}\r\n")
+            framing = f"Content-Length: {content_length}\r\n"
         else:
-            lines.append("Transfer-Encoding: chunked\r\n")
+            framing = "Transfer-Encoding: chunked\r\n"
     elif method in _BODY_METHODS:
-        lines.append("Content-Length: 0\r\n")
-    lines.append("\r\n")
-    return "".join(lines).encode("utf-8", "surrogateescape")
+        framing = "Content-Length: 0\r\n"
+    else:
+        framing = ""
+    return (
+        f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"
+        f"{fields}{_CRLF if fields else ''}{framing}\r\n"
+    ).encode("utf-8", "surrogateescape")

@@ -308,3 +308,41 @@ async def test_connection_is_not_reused_after_an_early_answer(
     stalled.set()
     assert await body_of(client, origin) == (200, b"ok")
     assert connections == 2
+
+
+def _head_line_by_line(
+    method: str, target: str, host: str, headers: list[tuple[str, str]], framing: str
+) -> bytes:
+    """The request head written out one line at a time, as RFC 9112 lays it out."""
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}"]
+    lines += [f"{name}: {value}" for name, value in headers]
+    if framing:
+        lines.append(framing)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+
+
+_SOME_HEADERS = [("Content-Type", "application/json"), ("X-Request-ID", "r1"), ("X-É", "ü")]
+
+
+@pytest.mark.parametrize("headers", [[], _SOME_HEADERS[:1], _SOME_HEADERS])
+@pytest.mark.parametrize(
+    ("method", "body", "length", "framing"),
+    [
+        ("POST", b"{}", None, "Content-Length: 2"),
+        ("POST", None, None, "Content-Length: 0"),  # a body method always says its length
+        ("GET", None, None, ""),
+        ("PUT", "stream", 5, "Content-Length: 5"),
+        ("PUT", "stream", None, "Transfer-Encoding: chunked"),
+    ],
+)
+def test_request_head_layout(
+    headers: list[tuple[str, str]], method: str, body: object, length: int | None, framing: str
+) -> None:
+    from gateway.h1 import _request_head
+
+    async def stream() -> AsyncIterator[bytes]:
+        yield b"12345"
+
+    source = stream() if body == "stream" else body
+    head = _request_head(method, "/p?q=1", "h:81", headers, source, length)  # type: ignore[arg-type]
+    assert head == _head_line_by_line(method, "/p?q=1", "h:81", headers, framing)
