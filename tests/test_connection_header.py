@@ -34,9 +34,11 @@ def test_same_names_as_the_rfc_on_first_and_repeated_values(calls: list[list[str
 
 
 def test_remembered_values_are_bounded() -> None:
-    for n in range(3 * proxy._LISTED_CACHE_SIZE):
+    bound = proxy._listed_in.cache_parameters()["maxsize"]
+    assert bound is not None
+    for n in range(3 * bound):
         assert connection_listed([f"x-hop-{n}"]) == {f"x-hop-{n}"}
-        assert len(proxy._LISTED_BY_VALUE) <= proxy._LISTED_CACHE_SIZE
+        assert proxy._listed_in.cache_info().currsize <= bound
     assert connection_listed(["keep-alive"]) == frozenset()
 
 
