@@ -97,7 +97,7 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
 def test_scale_mode_measures_the_chosen_cells_in_alternating_order(tmp_path: Path) -> None:
     out = tmp_path / "scale.json"
     command = [
-        sys.executable, "-m", "bench.run", "--scale", "--cells=1x1,2x2", "--feature=split",
+        sys.executable, "-m", "bench.run", "--scale", "--cells=1x1, 2x2", "--feature=split",
         "--rounds=2", "--warmup=0", "--duration=1", "--quiet-wait=0", "--retries=0",
         "--loadgen=python", "--upstream=python", "--connections=4", f"--json={out}",
     ]  # fmt: skip
@@ -120,3 +120,20 @@ def test_scale_cells_are_parsed_and_bad_ones_named() -> None:
     for bad in ("100", "x8", "ax8", "0x1", "1x0", "1x9"):
         with pytest.raises(SystemExit, match="--cells"):
             scale_cell(bad)
+
+
+@pytest.mark.timeout(90)
+def test_scale_acceptance_is_judged_only_against_one_route_one_endpoint(tmp_path: Path) -> None:
+    out = tmp_path / "scale.json"
+    command = [
+        sys.executable, "-m", "bench.run", "--scale", "--cells=100x8,1x1", "--feature=split",
+        "--rounds=1", "--warmup=0", "--duration=1", "--quiet-wait=0", "--retries=0",
+        "--loadgen=python", "--upstream=python", "--connections=4", f"--json={out}",
+    ]  # fmt: skip
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
+    assert done.returncode == 0, done.stdout + done.stderr
+    result = json.loads(out.read_text())
+    assert sorted(result["summaries"]) == ["100x8", "1x1"]
+    # 100 x 8 is the reference here, so its ratio to itself says nothing about item 4.
+    assert result["summaries"]["100x8"]["x_baseline"] == 1.0
+    assert result["acceptance"] == []
