@@ -30,6 +30,7 @@ from gateway.store.redis import default_client as default_redis_client
 from gateway.tracing import TraceWriter
 from gateway.upstream import BackendPool, build_pools
 from gateway.weights import WeightSync
+from gateway.writes import BatchedServer, WriteBatch
 
 log = logging.getLogger("gateway")
 
@@ -188,7 +189,9 @@ class Gateway:
         server_cfg = self.config.server
         await self._start_state()
         self._start_tracing()
-        self._upstream = UpstreamClient()
+        # One batch for both sides: a pass's answers and backend requests go out together.
+        writes = WriteBatch()
+        self._upstream = UpstreamClient(writes=writes)
         self.shadow_runner = ShadowRunner(self._upstream, on_load=self._shadow_load)
         self._proxy = Proxy(
             build_router(self.routes),
@@ -199,7 +202,9 @@ class Gateway:
             shadow_runner=self.shadow_runner,
             tracer=self.tracer,
         )
-        server = web.Server(self._proxy.handle, access_log=None, handler_cancellation=False)
+        server = BatchedServer(
+            self._proxy.handle, writes=writes, access_log=None, handler_cancellation=False
+        )
         self._proxy_runner = web.ServerRunner(
             server, shutdown_timeout=server_cfg.drain_timeout_seconds
         )

@@ -25,6 +25,8 @@ from typing import cast
 
 import httptools
 
+from gateway.writes import WriteBatch
+
 # Pause reading from the backend while this much answer is buffered and not yet sent
 # on to the client; resume below the low mark.
 HIGH_WATER = 256 * 1024
@@ -113,7 +115,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio's, hence no isinstance check.
-        self.transport = cast(asyncio.Transport, transport)
+        # The request is written at the end of the loop pass, with the others of the pass.
+        self.transport = self.client.writes.wrap(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:
         if self.head is None:
@@ -338,7 +341,12 @@ BodySource = bytes | AsyncIterator[bytes] | None
 class UpstreamClient:
     """Pooled HTTP/1.1 connections to the backends' endpoints."""
 
-    def __init__(self, ssl_context: ssl_module.SSLContext | None = None) -> None:
+    def __init__(
+        self, ssl_context: ssl_module.SSLContext | None = None, writes: WriteBatch | None = None
+    ) -> None:
+        # Shared with the gateway's server side, so that the pass's answers to clients
+        # and requests to backends go out together.
+        self.writes = writes if writes is not None else WriteBatch()
         self._idle: dict[str, deque[_Connection]] = {}  # by Origin.key
         self._ssl = ssl_context
         self._closed = False

@@ -1,0 +1,185 @@
+"""Socket writes of one event-loop pass, sent together when the pass ends.
+
+A proxy writes twice per request: the request to the backend, the answer to the client.
+Written at once, every write can land while the process reading that socket (the model
+server, the client) has gone idle, and the kernel has to wake it: on a VM that is an
+interrupt to another virtual CPU, which costs the writer 10-20 us each time, more than
+the write itself. Held until the pass ends and then written one after the other, the
+writes of a busy pass wake each reader once. This is Netty's flush consolidation, done
+per event-loop pass. On a 2-vCPU VM it made the gateway 18 % faster (paired against the
+same code writing at once; the upstream writes alone gave 11 %; README, Performance).
+
+What a caller sees is the same as writing at once, a little later:
+
+- each connection's bytes go out in the order they were written;
+- ``close()`` sends what is held first, as a transport closes after its buffer drains;
+  ``abort()`` drops it, as a transport does;
+- a connection holding more than ``FLUSH_BYTES`` writes at once, so a large body is
+  never held in memory beside the transport's own buffer and back-pressure still works;
+- at light load a pass holds one write, which goes out one loop step later (a few us).
+
+Only bytes are ever held (a caller may reuse a bytearray after ``write()`` returns).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, cast
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+log = logging.getLogger("gateway.writes")
+
+# Past this many bytes held for one connection, it writes at once.
+FLUSH_BYTES = 64 * 1024
+
+
+class WriteBatch:
+    """The connections holding writes in the current pass of one event loop."""
+
+    __slots__ = ("_held", "_loop")
+
+    def __init__(self) -> None:
+        self._held: list[BatchedTransport] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def wrap(self, transport: asyncio.Transport) -> BatchedTransport:
+        """``transport`` with its writes held until the end of the pass."""
+        if self._loop is None:
+            # Once, not per write: on Python 3.11 get_running_loop() makes a system call.
+            self._loop = asyncio.get_running_loop()
+        return BatchedTransport(transport, self)
+
+    def _hold(self, transport: BatchedTransport) -> None:
+        if not self._held:
+            assert self._loop is not None
+            self._loop.call_soon(self.flush)
+        self._held.append(transport)
+
+    def flush(self) -> None:
+        """Send everything held now (at the end of a pass, or when shutting down)."""
+        held, self._held = self._held, []
+        for transport in held:
+            transport.flush()
+
+
+class BatchedTransport(asyncio.Transport):
+    """An ``asyncio.Transport`` whose writes wait in a :class:`WriteBatch`.
+
+    Everything but writing and closing is the wrapped transport's own. (A subclass, so
+    that code typed for transports takes it; every method is defined here, since the
+    base class's only raise NotImplementedError.)"""
+
+    __slots__ = ("_batch", "_chunks", "_held_bytes", "transport")
+
+    def __init__(self, transport: asyncio.Transport, batch: WriteBatch) -> None:
+        super().__init__()
+        self.transport = transport
+        self._batch = batch
+        self._chunks: list[bytes] = []
+        self._held_bytes = 0
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            return
+        chunk = data if type(data) is bytes else bytes(data)
+        if not self._chunks:
+            self._batch._hold(self)
+        self._chunks.append(chunk)
+        self._held_bytes += len(chunk)
+        if self._held_bytes > FLUSH_BYTES:
+            self.flush()
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def flush(self) -> None:
+        """Hand what is held to the transport (a no-op when nothing is held)."""
+        chunks = self._chunks
+        if not chunks:
+            return
+        self._chunks = []
+        self._held_bytes = 0
+        transport = self.transport
+        if transport.is_closing():
+            return  # the peer went away first: nothing can be delivered
+        try:
+            if len(chunks) == 1:
+                transport.write(chunks[0])
+            else:
+                transport.writelines(chunks)
+        except (RuntimeError, OSError) as error:  # closed under us: as a lost write
+            log.debug("held write dropped: %s", error)
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held_bytes
+
+    def close(self) -> None:
+        self.flush()
+        self.transport.close()
+
+    def abort(self) -> None:
+        self._chunks = []
+        self._held_bytes = 0
+        self.transport.abort()
+
+    def write_eof(self) -> None:
+        self.flush()
+        self.transport.write_eof()
+
+    def can_write_eof(self) -> bool:
+        return self.transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self.transport.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        return self.transport.get_write_buffer_size() + self._held_bytes
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return self.transport.is_reading()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self.transport.get_write_buffer_limits()
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.transport.get_protocol()
+
+
+class BatchedServer(web.Server):
+    """aiohttp's low-level server with every connection's writes held in ``writes``."""
+
+    def __init__(self, handler: Any, *, writes: WriteBatch, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.writes = writes
+
+    def __call__(self) -> RequestHandler:
+        # As web.Server.__call__ does (its _loop and _kwargs), with our handler class.
+        return _BatchedRequestHandler(self, loop=self._loop, **self._kwargs)
+
+
+class _BatchedRequestHandler(RequestHandler):
+    __slots__ = ()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = cast(BatchedServer, self._manager)
+        super().connection_made(server.writes.wrap(cast(asyncio.Transport, transport)))

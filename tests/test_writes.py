@@ -1,0 +1,215 @@
+"""Writes held until the end of an event-loop pass (gateway.writes), on real sockets.
+
+Each test writes through a real transport to one end of a socket pair and reads the
+other end without the event loop: a write the kernel has taken is readable at once, so
+"nothing readable yet" proves the bytes are still held, and one loop step later they
+must all be there."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from gateway.writes import FLUSH_BYTES, BatchedTransport, WriteBatch
+from tests.conftest import StartApp, StartGateway
+from tests.support import gateway_document, named_app
+
+pytestmark = pytest.mark.timeout(20)
+WAIT_SECONDS = 5.0
+
+Pair = tuple[BatchedTransport, socket.socket]
+OpenPair = Callable[[WriteBatch], Awaitable[Pair]]
+
+
+@pytest.fixture
+async def open_pair() -> AsyncIterator[OpenPair]:
+    """A batched transport on one end of a socket pair, and the raw other end."""
+    opened: list[tuple[asyncio.Transport, socket.socket]] = []
+
+    async def open_one(batch: WriteBatch) -> Pair:
+        ours, theirs = socket.socketpair()
+        theirs.setblocking(False)
+        transport, _ = await asyncio.get_running_loop().create_connection(
+            asyncio.Protocol, sock=ours
+        )
+        opened.append((transport, theirs))
+        return batch.wrap(transport), theirs
+
+    yield open_one
+    for transport, theirs in opened:
+        transport.abort()
+        theirs.close()
+
+
+def readable_now(sock: socket.socket) -> bytes:
+    """What the peer can read right now, without waiting (b"" for nothing yet)."""
+    chunks = []
+    while True:
+        try:
+            chunk = sock.recv(1 << 20)
+        except BlockingIOError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_until(sock: socket.socket, size: int) -> bytes:
+    """At least ``size`` bytes from the peer, or what came within WAIT_SECONDS."""
+    got = b""
+    deadline = time.monotonic() + WAIT_SECONDS
+    while len(got) < size and time.monotonic() < deadline:
+        got += readable_now(sock)
+        if len(got) < size:
+            await asyncio.sleep(0.001)
+    return got
+
+
+def peer_closed(sock: socket.socket) -> bool:
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+
+
+async def until_closed(sock: socket.socket) -> bool:
+    deadline = time.monotonic() + WAIT_SECONDS
+    while time.monotonic() < deadline:
+        if peer_closed(sock):
+            return True
+        await asyncio.sleep(0.001)
+    return False
+
+
+async def test_a_pass_writes_are_held_then_sent_in_order(open_pair: OpenPair) -> None:
+    batch = WriteBatch()
+    (one, peer_one), (two, peer_two) = await open_pair(batch), await open_pair(batch)
+
+    one.write(b"first ")
+    two.write(b"other")
+    one.writelines([b"second ", b"third"])
+
+    assert readable_now(peer_one) == b"" and readable_now(peer_two) == b""
+    assert one.held_bytes == len(b"first second third")
+    assert one.get_write_buffer_size() >= one.held_bytes
+    await asyncio.sleep(0)  # one loop step: the end of the pass
+    assert await read_until(peer_one, 18) == b"first second third"
+    assert await read_until(peer_two, 5) == b"other"
+    assert one.held_bytes == 0
+
+
+async def test_a_later_pass_is_held_again(open_pair: OpenPair) -> None:
+    batch = WriteBatch()
+    transport, peer = await open_pair(batch)
+    for n in range(3):
+        transport.write(b"pass %d;" % n)
+        assert readable_now(peer) == b""
+        assert await read_until(peer, 7) == b"pass %d;" % n
+
+
+async def test_a_reused_buffer_does_not_change_what_is_sent(open_pair: OpenPair) -> None:
+    transport, peer = await open_pair(WriteBatch())
+    buffer = bytearray(b"as written")
+    transport.write(buffer)
+    transport.write(memoryview(b" and a view"))
+    buffer[:] = b"overwritten"
+    assert await read_until(peer, 21) == b"as written and a view"
+
+
+async def test_empty_writes_hold_nothing(open_pair: OpenPair) -> None:
+    transport, _ = await open_pair(WriteBatch())
+    transport.write(b"")
+    transport.writelines([])
+    assert transport.held_bytes == 0
+
+
+async def test_close_sends_what_is_held_first(open_pair: OpenPair) -> None:
+    transport, peer = await open_pair(WriteBatch())
+    transport.write(b"last words")
+    transport.close()
+    assert transport.is_closing()
+    assert await read_until(peer, 10) == b"last words"
+    assert await until_closed(peer)
+
+
+async def test_abort_drops_what_is_held(open_pair: OpenPair) -> None:
+    transport, peer = await open_pair(WriteBatch())
+    transport.write(b"never sent")
+    transport.abort()
+    assert await until_closed(peer)
+    assert transport.held_bytes == 0
+
+
+async def test_a_large_write_goes_out_at_once(open_pair: OpenPair) -> None:
+    transport, peer = await open_pair(WriteBatch())
+    transport.write(b"small ")
+    big = b"x" * FLUSH_BYTES
+    transport.write(big)
+    assert transport.held_bytes == 0
+    # Readable before the loop has run: written at the call, not at the end of the pass.
+    assert readable_now(peer).startswith(b"small x")
+
+
+async def test_a_large_write_arrives_whole_and_in_order(open_pair: OpenPair) -> None:
+    transport, peer = await open_pair(WriteBatch())
+    payload = bytes(range(256)) * (3 * FLUSH_BYTES // 256)
+    transport.write(b"<")
+    transport.write(payload)
+    transport.write(b">")
+    got = await read_until(peer, len(payload) + 2)
+    assert got == b"<" + payload + b">"
+
+
+async def test_a_peer_gone_before_the_flush_loses_only_its_own_bytes(
+    open_pair: OpenPair,
+) -> None:
+    batch = WriteBatch()
+    (gone, _), (alive, peer) = await open_pair(batch), await open_pair(batch)
+    gone.write(b"to nobody")
+    alive.write(b"to someone")
+    gone.transport.close()  # closed under the batch, as when the peer resets
+    batch.flush()
+    assert gone.held_bytes == 0
+    assert await read_until(peer, 10) == b"to someone"
+
+
+async def test_the_wrapper_passes_the_rest_through(open_pair: OpenPair) -> None:
+    transport, _ = await open_pair(WriteBatch())
+    inner = transport.transport
+    assert transport.get_extra_info("socket") is inner.get_extra_info("socket")
+    assert transport.get_protocol() is inner.get_protocol()
+    assert transport.is_reading()
+    transport.pause_reading()
+    assert not inner.is_reading()
+    transport.resume_reading()
+    transport.set_write_buffer_limits(high=4096, low=1024)
+    assert inner.get_write_buffer_limits() == transport.get_write_buffer_limits() == (1024, 4096)
+
+
+async def test_answers_reach_clients_that_close_after_one_request(
+    start_app: StartApp, start_gateway: StartGateway
+) -> None:
+    """aiohttp closes a ``Connection: close`` client's socket right after the answer is
+    written: the held answer must go out before the close."""
+    url = await start_app(named_app("v1"))
+    gateway = await start_gateway(
+        gateway_document(
+            {"v1": {"url": url}},
+            [{"name": "r", "match": {"path_prefix": "/"}, "champion": "v1"}],
+        )
+    )
+    for _ in range(5):
+        reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+        writer.write(b"GET /x HTTP/1.1\r\nHost: gw\r\nConnection: close\r\n\r\n")
+        answer = await asyncio.wait_for(reader.read(), 5)  # until the gateway closes
+        writer.close()
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200")
+        assert body == b'{"backend": "v1"}'
