@@ -1,5 +1,8 @@
 """Writes held until the end of an event-loop pass (gateway.writes), on real sockets.
 
+The first write of a pass goes out at once; the rest of the pass's writes wait for its
+end.
+
 Each test writes through a real transport to one end of a socket pair and reads the
 other end without the event loop: a write the kernel has taken is readable at once, so
 "nothing readable yet" proves the bytes are still held, and one loop step later they
@@ -88,39 +91,45 @@ async def until_closed(sock: socket.socket) -> bool:
     return False
 
 
-async def test_a_pass_writes_are_held_then_sent_in_order(open_pair: OpenPair) -> None:
+async def test_a_pass_first_write_goes_at_once_the_rest_wait_for_its_end(
+    open_pair: OpenPair,
+) -> None:
     batch = WriteBatch()
     (one, peer_one), (two, peer_two) = await open_pair(batch), await open_pair(batch)
 
     one.write(b"first ")
+    assert readable_now(peer_one) == b"first "  # at once: light load adds no delay
     two.write(b"other")
     one.writelines([b"second ", b"third"])
 
     assert readable_now(peer_one) == b"" and readable_now(peer_two) == b""
-    assert one.held_bytes == len(b"first second third")
+    assert one.held_bytes == len(b"second third") and two.held_bytes == len(b"other")
     assert one.get_write_buffer_size() >= one.held_bytes
     await asyncio.sleep(0)  # one loop step: the end of the pass
-    assert await read_until(peer_one, 18) == b"first second third"
+    assert await read_until(peer_one, 12) == b"second third"
     assert await read_until(peer_two, 5) == b"other"
-    assert one.held_bytes == 0
+    assert one.held_bytes == two.held_bytes == 0
 
 
-async def test_a_later_pass_is_held_again(open_pair: OpenPair) -> None:
+async def test_every_pass_sends_its_first_write_at_once(open_pair: OpenPair) -> None:
     batch = WriteBatch()
     transport, peer = await open_pair(batch)
     for n in range(3):
         transport.write(b"pass %d;" % n)
+        assert readable_now(peer) == b"pass %d;" % n
+        transport.write(b"more")
         assert readable_now(peer) == b""
-        assert await read_until(peer, 7) == b"pass %d;" % n
+        assert await read_until(peer, 4) == b"more"
 
 
 async def test_a_reused_buffer_does_not_change_what_is_sent(open_pair: OpenPair) -> None:
     transport, peer = await open_pair(WriteBatch())
+    transport.write(b"opens the pass: ")
     buffer = bytearray(b"as written")
     transport.write(buffer)
     transport.write(memoryview(b" and a view"))
     buffer[:] = b"overwritten"
-    assert await read_until(peer, 21) == b"as written and a view"
+    assert await read_until(peer, 37) == b"opens the pass: as written and a view"
 
 
 async def test_empty_writes_hold_nothing(open_pair: OpenPair) -> None:
@@ -132,24 +141,31 @@ async def test_empty_writes_hold_nothing(open_pair: OpenPair) -> None:
 
 async def test_close_sends_what_is_held_first(open_pair: OpenPair) -> None:
     transport, peer = await open_pair(WriteBatch())
+    transport.write(b"sent, ")
     transport.write(b"last words")
+    assert transport.held_bytes == 10
     transport.close()
     assert transport.is_closing()
-    assert await read_until(peer, 10) == b"last words"
+    assert await read_until(peer, 16) == b"sent, last words"
     assert await until_closed(peer)
 
 
 async def test_abort_drops_what_is_held(open_pair: OpenPair) -> None:
     transport, peer = await open_pair(WriteBatch())
+    transport.write(b"sent")
     transport.write(b"never sent")
     transport.abort()
-    assert await until_closed(peer)
     assert transport.held_bytes == 0
+    assert await read_until(peer, 4) == b"sent"
+    assert await until_closed(peer)
+    assert readable_now(peer) == b""
 
 
 async def test_a_large_write_goes_out_at_once(open_pair: OpenPair) -> None:
     transport, peer = await open_pair(WriteBatch())
+    transport.write(b"sent, ")
     transport.write(b"small ")
+    assert readable_now(peer) == b"sent, "
     big = b"x" * FLUSH_BYTES
     transport.write(big)
     assert transport.held_bytes == 0
@@ -160,11 +176,12 @@ async def test_a_large_write_goes_out_at_once(open_pair: OpenPair) -> None:
 async def test_a_large_write_arrives_whole_and_in_order(open_pair: OpenPair) -> None:
     transport, peer = await open_pair(WriteBatch())
     payload = bytes(range(256)) * (3 * FLUSH_BYTES // 256)
+    transport.write(b"(")
     transport.write(b"<")
     transport.write(payload)
     transport.write(b">")
-    got = await read_until(peer, len(payload) + 2)
-    assert got == b"<" + payload + b">"
+    got = await read_until(peer, len(payload) + 3)
+    assert got == b"(<" + payload + b">"
 
 
 async def test_a_peer_gone_before_the_flush_loses_only_its_own_bytes(
@@ -172,12 +189,13 @@ async def test_a_peer_gone_before_the_flush_loses_only_its_own_bytes(
 ) -> None:
     batch = WriteBatch()
     (gone, _), (alive, peer) = await open_pair(batch), await open_pair(batch)
+    alive.write(b"first, ")
     gone.write(b"to nobody")
     alive.write(b"to someone")
     gone.transport.close()  # closed under the batch, as when the peer resets
     batch.flush()
     assert gone.held_bytes == 0
-    assert await read_until(peer, 10) == b"to someone"
+    assert await read_until(peer, 17) == b"first, to someone"
 
 
 async def test_the_wrapper_passes_the_rest_through(open_pair: OpenPair) -> None:
