@@ -27,12 +27,23 @@ class Variant(enum.StrEnum):
     CHALLENGER = "challenger"
 
 
-def fnv1a_64(data: bytes) -> int:
-    """64-bit FNV-1a over ``data``."""
+def fnv1a_64_python(data: bytes) -> int:
+    """64-bit FNV-1a over ``data``: the reference, and what runs without ``fnv-c``."""
     h = FNV64_OFFSET_BASIS
     for byte in data:
         h = ((h ^ byte) * FNV64_PRIME) & _MASK64
     return h
+
+
+# fnv-c's C loop takes 0.2 us for a 32-character request ID, the Python loop above 2.7
+# us: with it the hash was the gateway's largest pure-Python cost per request. The
+# tests check both give the same hash for every input they try.
+try:
+    from fnv_c import fnv1a_64 as _fnv1a_64_c  # type: ignore[import-untyped]
+except ImportError:  # installed without its dependencies, or no wheel for this platform
+    fnv1a_64 = fnv1a_64_python
+else:
+    fnv1a_64 = _fnv1a_64_c
 
 
 def bucket_of(key: str, salt: str = "") -> int:
