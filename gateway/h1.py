@@ -89,6 +89,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.read_timeout = 0.0
         self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0  # when _timer fires
         self._deadline = 0.0
         self._write_ready: asyncio.Future[None] | None = None
         self._reset(head_request=False)
@@ -190,7 +191,8 @@ class _Connection(asyncio.Protocol):
             return
         self.complete = True
         self.reusable = not self.head_request and self.parser.should_keep_alive()
-        self._cancel_timer()
+        # The timer is left to fire (it finds the exchange complete, or re-arms for the
+        # next exchange on this connection): see arm_timer.
         self._wake()
 
     # --- exchange --------------------------------------------------------------------------
@@ -216,19 +218,30 @@ class _Connection(asyncio.Protocol):
             waiter.set_result(None)
 
     def arm_timer(self) -> None:
-        self._deadline = self.loop.time() + self.read_timeout
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+        """Fail the exchange if no data comes within ``read_timeout`` from now.
+
+        A timer that will fire no later than the new deadline is kept: when it fires it
+        re-arms for the deadline then current. So a keep-alive connection makes a timer
+        about once per timeout, not once per exchange (a timer made and cancelled costs
+        1 us, on every request)."""
+        deadline = self._deadline = self.loop.time() + self.read_timeout
+        timer = self._timer
+        if timer is None or self._timer_at > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer_at = deadline
+            self._timer = self.loop.call_at(deadline, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
         if self.complete or self.closed:
-            return
+            return  # idle since (or done): nothing to time
         if self.reading_paused:  # the client is slow, not the backend: not a timeout
             self.arm_timer()
             return
         now = self.loop.time()
         if now < self._deadline:
+            self._timer_at = self._deadline
             self._timer = self.loop.call_at(self._deadline, self._on_timer)
             return
         self._fail(UpstreamTimeout(f"no data from the backend within {self.read_timeout:g}s"))

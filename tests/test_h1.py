@@ -211,6 +211,53 @@ async def test_silence_is_a_timeout_and_so_is_a_stalled_body(
         await body_of(client, await raw_server(stalls), read_timeout=0.3)
 
 
+async def test_a_reused_connection_times_out_on_its_new_shorter_timeout(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    """A connection keeps its timer between exchanges; one armed for a long timeout
+    must not let a later exchange with a short one wait that long."""
+    connections = 0
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # then silence
+        await asyncio.sleep(10)
+
+    origin = await raw_server(answers_once)
+    assert await body_of(client, origin, read_timeout=8) == (200, b"ok")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await body_of(client, origin, read_timeout=0.3)
+    assert 0.25 < loop.time() - started < 1.5
+    assert connections == 1  # the same connection, so its old timer was in play
+
+
+async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    """The other way round: the old, earlier timer fires and must not end the new
+    exchange before its own deadline."""
+
+    async def answers_then_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)
+        await asyncio.sleep(0.6)  # past the first exchange's timeout, within the second's
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlate")
+        await writer.drain()
+        await asyncio.sleep(10)
+
+    origin = await raw_server(answers_then_late)
+    assert await body_of(client, origin, read_timeout=0.4) == (200, b"ok")
+    assert await body_of(client, origin, read_timeout=5) == (200, b"late")
+
+
 async def test_refused_connection(client: UpstreamClient) -> None:
     from gateway.app import free_port
 
