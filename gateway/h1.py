@@ -116,7 +116,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's transports are not subclasses of asyncio's, hence no isinstance check.
-        # The request is written at the end of the loop pass, with the others of the pass.
+        # Writes after the first of a loop pass wait for its end, to go out together.
         self.transport = self.client.writes.wrap(cast(asyncio.Transport, transport))
 
     def data_received(self, data: bytes) -> None:

@@ -24,6 +24,9 @@ What a caller sees is the same as writing at once, a little later:
 - a connection holding more than ``FLUSH_BYTES`` writes at once, so a large body is
   never held in memory beside the transport's own buffer and back-pressure still works.
 
+Not supported: ``loop.sendfile()`` on a wrapped transport (asyncio's refuses it, which
+aiohttp's FileResponse does not fall back from). The proxy listener serves no files.
+
 Only bytes are ever held (a caller may reuse a bytearray after ``write()`` returns).
 """
 
@@ -73,7 +76,7 @@ class WriteBatch:
         self._passing = False
         held, self._held = self._held, []
         for transport in held:
-            transport.flush()
+            transport.flush()  # never raises: one bad connection must not strand the rest
 
 
 class BatchedTransport(asyncio.Transport):
@@ -132,6 +135,11 @@ class BatchedTransport(asyncio.Transport):
                 transport.writelines(chunks)
         except (RuntimeError, OSError) as error:  # closed under us: as a lost write
             log.debug("held write dropped: %s", error)
+        except Exception:
+            # Bytes are lost whatever happened: end the connection so that its peer sees
+            # a reset, not an answer that never finishes.
+            log.exception("held write failed; aborting the connection")
+            transport.abort()
 
     @property
     def held_bytes(self) -> int:

@@ -2,15 +2,31 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import uvloop
 from aiohttp import web
 
 from gateway import config as config_module
 from gateway.app import Gateway
+
+# Modules whose tests run on uvloop's event loop as well as asyncio's: the gateway runs
+# on uvloop, and these test what depends on how a loop's transports behave.
+_ON_BOTH_LOOPS = {"test_writes.py", "test_h1.py"}
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    if Path(str(item.fspath)).name in _ON_BOTH_LOOPS:
+        return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
+    return {"asyncio": asyncio.new_event_loop}
+
 
 StartApp = Callable[[web.Application], Awaitable[str]]
 StartGateway = Callable[..., Awaitable[Gateway]]

@@ -237,6 +237,51 @@ async def test_a_reused_connection_times_out_on_its_new_shorter_timeout(
     assert connections == 1  # the same connection, so its old timer was in play
 
 
+async def test_a_kept_timer_still_times_out_a_later_silent_exchange(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    """The timer kept from a short first exchange re-arms for a longer second one, and
+    that one times out at its own deadline, not never and not at the old one."""
+
+    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_request(reader)  # then silence
+        await asyncio.sleep(10)
+
+    origin = await raw_server(answers_once)
+    assert await body_of(client, origin, read_timeout=0.3) == (200, b"ok")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(UpstreamTimeout):
+        await body_of(client, origin, read_timeout=0.8)
+    assert 0.75 < loop.time() - started < 2.0
+
+
+async def test_a_connection_idle_past_its_kept_timer_is_reused(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    connections = 0
+
+    async def keeps_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        while True:
+            try:
+                await read_request(reader)
+            except asyncio.IncompleteReadError:
+                break
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            await writer.drain()
+
+    origin = await raw_server(keeps_answering)
+    assert await body_of(client, origin, read_timeout=0.1) == (200, b"ok")
+    await asyncio.sleep(0.3)  # the kept timer fires on the idle connection meanwhile
+    assert await body_of(client, origin, read_timeout=0.1) == (200, b"ok")
+    assert connections == 1
+
+
 async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
     raw_server: RawServer, client: UpstreamClient
 ) -> None:
