@@ -62,6 +62,9 @@ class PairRuns:
     rps_ratios: list[float] = field(default_factory=list)
     cpu_ratios: list[float] = field(default_factory=list)  # reference / measured CPU us/req
     cpu_shares: list[float] = field(default_factory=list)  # measured side's share of CPU
+    # Measured minus reference CPU per request, in us: what the feature costs in absolute
+    # terms, which does not grow when the reference side gets faster (a ratio does).
+    cpu_extra_us: list[float] = field(default_factory=list)
     errors: int = 0
 
     def summary(self) -> dict[str, Any]:
@@ -77,6 +80,7 @@ class PairRuns:
             "rps_ratio_max": max(self.rps_ratios),
             "cost": cost,
             "cpu_per_request_cost": 1.0 - statistics.median(self.cpu_ratios),
+            "cpu_extra_us_per_request": statistics.median(self.cpu_extra_us),
             "cpu_share_median": statistics.median(self.cpu_shares),
             "errors": self.errors,
             "limit": self.limit,
@@ -168,6 +172,7 @@ def _record(pair: PairRuns, results: dict[str, tuple[LoadResult, float]]) -> Non
     per_m = cpu_m / measured.requests if measured.requests else float("nan")
     per_r = cpu_r / reference.requests if reference.requests else float("nan")
     pair.cpu_ratios.append(per_r / per_m if per_m else float("nan"))
+    pair.cpu_extra_us.append((per_m - per_r) * 1e6)
     pair.cpu_shares.append(cpu_m / (cpu_m + cpu_r) if cpu_m + cpu_r else float("nan"))
     pair.errors += sum(r.errors + r.non_2xx for r, _ in results.values())
 
@@ -186,8 +191,9 @@ def _progress_line(
 def paired_table(summaries: list[dict[str, Any]]) -> str:
     lines = [
         "| question | rounds | req/s ratio (median) | min - max | cost in req/s "
-        "| cost in CPU us/request | CPU share of measured side | result |",
-        "|---|---|---|---|---|---|---|---|",
+        "| cost in CPU us/request | extra CPU us/request | CPU share of measured side "
+        "| result |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
         result = "-" if s["limit"] is None else ("PASS" if s["passed"] else "FAIL")
@@ -196,7 +202,8 @@ def paired_table(summaries: list[dict[str, Any]]) -> str:
         lines.append(
             f"| {s['question']} | {s['rounds']} | {s['rps_ratio_median']:.3f} "
             f"| {s['rps_ratio_min']:.3f} - {s['rps_ratio_max']:.3f} | {s['cost']:+.1%} "
-            f"| {s['cpu_per_request_cost']:+.1%} | {s['cpu_share_median']:.1%} | {result} |"
+            f"| {s['cpu_per_request_cost']:+.1%} | {s['cpu_extra_us_per_request']:+.1f} "
+            f"| {s['cpu_share_median']:.1%} | {result} |"
         )
     return "\n".join(lines)
 

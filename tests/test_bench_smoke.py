@@ -8,6 +8,7 @@ stays working on machines that have both.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -91,6 +92,11 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
     # Both sides were served at once: each got part of the one proxy CPU.
     assert 0.0 < summary["cpu_share_median"] < 1.0
     assert summary["rps_ratio_median"] > 0
+    # The absolute extra CPU per request agrees in sign with the relative one (one round:
+    # both come from the same two CPU-per-request figures), and is printed.
+    extra, relative = summary["cpu_extra_us_per_request"], summary["cpu_per_request_cost"]
+    assert math.isfinite(extra) and (extra > 0) == (relative > 0)
+    assert "extra CPU us/request" in done.stdout
 
 
 @pytest.mark.timeout(90)
