@@ -197,6 +197,13 @@ class BatchedServer(web.Server):
 
     def __init__(self, handler: Any, *, writes: WriteBatch, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        # __call__ builds handlers from web.Server's own _loop and _kwargs: fail at start,
+        # not on every connection, should an aiohttp release stop keeping them.
+        if not hasattr(self, "_loop") or not isinstance(getattr(self, "_kwargs", None), dict):
+            raise RuntimeError(
+                "this aiohttp's web.Server keeps no _loop/_kwargs; install a version this "
+                "gateway supports (see pyproject.toml)"
+            )
         self.writes = writes
 
     def __call__(self) -> RequestHandler:
