@@ -229,8 +229,11 @@ class _Connection(asyncio.Protocol):
         if timer is None or self._timer_at > deadline:
             if timer is not None:
                 timer.cancel()
-            self._timer_at = deadline
-            self._timer = self.loop.call_at(deadline, self._on_timer)
+            self._start_timer(deadline)
+
+    def _start_timer(self, when: float) -> None:
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
@@ -241,8 +244,7 @@ class _Connection(asyncio.Protocol):
             return
         now = self.loop.time()
         if now < self._deadline:
-            self._timer_at = self._deadline
-            self._timer = self.loop.call_at(self._deadline, self._on_timer)
+            self._start_timer(self._deadline)
             return
         self._fail(UpstreamTimeout(f"no data from the backend within {self.read_timeout:g}s"))
 
