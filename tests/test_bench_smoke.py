@@ -19,7 +19,10 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+def bench_process(
+    tmp_path: Path, *args: str, timeout: float = 60
+) -> tuple[dict[str, Any], subprocess.CompletedProcess[str]]:
+    """One ``bench.run`` in a child process: its JSON results and the process."""
     out = tmp_path / "bench.json"
     command = [
         sys.executable,
@@ -34,11 +37,17 @@ def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
         *args,
     ]
     done = subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=60, check=False
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "| target |" in done.stdout
     result: dict[str, Any] = json.loads(out.read_text())
+    return result, done
+
+
+def run_bench(tmp_path: Path, *args: str) -> dict[str, Any]:
+    """The comparison table's run."""
+    result, done = bench_process(tmp_path, *args)
+    assert "| target |" in done.stdout
     return result
 
 
@@ -78,15 +87,11 @@ def test_harness_runs_on_its_fallbacks(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
-    out = tmp_path / "paired.json"
-    command = [
-        sys.executable, "-m", "bench.run", "--paired", "--pairs=split-again", "--rounds=1",
-        "--warmup=0", "--duration=1", "--quiet-wait=0", "--loadgen=python",
-        "--upstream=python", "--connections=4", f"--json={out}",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
-    assert done.returncode == 0, done.stdout + done.stderr
-    (summary,) = json.loads(out.read_text())["summaries"]
+    result, done = bench_process(
+        tmp_path, "--paired", "--pairs=split-again", "--duration=1", "--loadgen=python",
+        "--upstream=python", "--connections=4", timeout=80,
+    )  # fmt: skip
+    (summary,) = result["summaries"]
     assert summary["measured"] == "split-again" and summary["reference"] == "split"
     assert summary["rounds"] == 1 and summary["errors"] == 0
     # Both sides were served at once: each got part of the one proxy CPU.
@@ -101,15 +106,11 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(90)
 def test_scale_mode_measures_the_chosen_cells_in_alternating_order(tmp_path: Path) -> None:
-    out = tmp_path / "scale.json"
-    command = [
-        sys.executable, "-m", "bench.run", "--scale", "--cells=1x1, 2x2", "--feature=split",
-        "--rounds=2", "--warmup=0", "--duration=1", "--quiet-wait=0", "--retries=0",
-        "--loadgen=python", "--upstream=python", "--connections=4", f"--json={out}",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text())
+    result, done = bench_process(
+        tmp_path, "--scale", "--cells=1x1, 2x2", "--feature=split", "--rounds=2",
+        "--duration=1", "--loadgen=python", "--upstream=python", "--connections=4",
+        timeout=80,
+    )  # fmt: skip
     assert sorted(result["summaries"]) == ["1x1", "2x2"]
     for name, summary in result["summaries"].items():
         assert summary["rps"] > 0 and summary["errors"] == 0, name
@@ -130,15 +131,10 @@ def test_scale_cells_are_parsed_and_bad_ones_named() -> None:
 
 @pytest.mark.timeout(90)
 def test_scale_acceptance_is_judged_only_against_one_route_one_endpoint(tmp_path: Path) -> None:
-    out = tmp_path / "scale.json"
-    command = [
-        sys.executable, "-m", "bench.run", "--scale", "--cells=100x8,1x1", "--feature=split",
-        "--rounds=1", "--warmup=0", "--duration=1", "--quiet-wait=0", "--retries=0",
-        "--loadgen=python", "--upstream=python", "--connections=4", f"--json={out}",
-    ]  # fmt: skip
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=80)
-    assert done.returncode == 0, done.stdout + done.stderr
-    result = json.loads(out.read_text())
+    result, _ = bench_process(
+        tmp_path, "--scale", "--cells=100x8,1x1", "--feature=split", "--duration=1",
+        "--loadgen=python", "--upstream=python", "--connections=4", timeout=80,
+    )  # fmt: skip
     assert sorted(result["summaries"]) == ["100x8", "1x1"]
     # 100 x 8 is the reference here, so its ratio to itself says nothing about item 4.
     assert result["summaries"]["100x8"]["x_baseline"] == 1.0

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from gateway.h1 import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
+from tests.shadow_support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
@@ -80,37 +81,60 @@ async def body_of(
     return response.status, data
 
 
+OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+class Counted:
+    """A raw handler that counts the connections it was given."""
+
+    def __init__(self, handler: Handler) -> None:
+        self.handler = handler
+        self.connections = 0
+
+    async def __call__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        await self.handler(reader, writer)
+
+
+async def answers_every_request(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while True:
+        try:
+            await read_request(reader)
+        except asyncio.IncompleteReadError:
+            break
+        writer.write(OK_ANSWER)
+        await writer.drain()
+    writer.close()
+
+
+async def answers_once_then_silence(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    await read_request(reader)
+    writer.write(OK_ANSWER)
+    await writer.drain()
+    await read_request(reader)
+    await asyncio.sleep(10)
+
+
 async def test_keep_alive_reuses_one_connection(
     raw_server: RawServer, client: UpstreamClient
 ) -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-        writer.close()
-
+    handler = Counted(answers_every_request)
     origin = await raw_server(handler)
     for _ in range(5):
         assert await body_of(client, origin) == (200, b"ok")
-    assert connections == 1
+    assert handler.connections == 1
     # Endpoints of different backends at the same address (each with its own Origin)
     # share the pooled connection; another address gets its own.
     same = Origin.parse("http", "127.0.0.1", origin.port)
     assert same is not origin and same.key == origin.key
     assert await body_of(client, same) == (200, b"ok")
-    assert connections == 1
+    assert handler.connections == 1
     by_name = Origin.parse("http", "localhost", origin.port)
     assert by_name.key != origin.key
     assert await body_of(client, by_name) == (200, b"ok")
-    assert connections == 2
+    assert handler.connections == 2
 
 
 async def test_a_closed_idle_connection_is_retried_on_a_new_one(
@@ -123,7 +147,7 @@ async def test_a_closed_idle_connection_is_retried_on_a_new_one(
         connections += 1
         await read_request(reader)
         # Claims keep-alive, then closes: the next request finds a dead pooled connection.
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK_ANSWER)
         await writer.drain()
         writer.close()
 
@@ -216,25 +240,15 @@ async def test_a_reused_connection_times_out_on_its_new_shorter_timeout(
 ) -> None:
     """A connection keeps its timer between exchanges; one armed for a long timeout
     must not let a later exchange with a short one wait that long."""
-    connections = 0
-
-    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await read_request(reader)  # then silence
-        await asyncio.sleep(10)
-
-    origin = await raw_server(answers_once)
+    handler = Counted(answers_once_then_silence)
+    origin = await raw_server(handler)
     assert await body_of(client, origin, read_timeout=8) == (200, b"ok")
     loop = asyncio.get_running_loop()
     started = loop.time()
     with pytest.raises(UpstreamTimeout):
         await body_of(client, origin, read_timeout=0.3)
     assert 0.25 < loop.time() - started < 1.5
-    assert connections == 1  # the same connection, so its old timer was in play
+    assert handler.connections == 1  # the same connection, so its old timer was in play
 
 
 async def test_a_kept_timer_still_times_out_a_later_silent_exchange(
@@ -242,15 +256,7 @@ async def test_a_kept_timer_still_times_out_a_later_silent_exchange(
 ) -> None:
     """The timer kept from a short first exchange re-arms for a longer second one, and
     that one times out at its own deadline, not never and not at the old one."""
-
-    async def answers_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        await writer.drain()
-        await read_request(reader)  # then silence
-        await asyncio.sleep(10)
-
-    origin = await raw_server(answers_once)
+    origin = await raw_server(answers_once_then_silence)
     assert await body_of(client, origin, read_timeout=0.3) == (200, b"ok")
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -262,24 +268,13 @@ async def test_a_kept_timer_still_times_out_a_later_silent_exchange(
 async def test_a_connection_idle_past_its_kept_timer_is_reused(
     raw_server: RawServer, client: UpstreamClient
 ) -> None:
-    connections = 0
-
-    async def keeps_answering(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        while True:
-            try:
-                await read_request(reader)
-            except asyncio.IncompleteReadError:
-                break
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-            await writer.drain()
-
-    origin = await raw_server(keeps_answering)
+    handler = Counted(answers_every_request)
+    origin = await raw_server(handler)
     assert await body_of(client, origin, read_timeout=0.1) == (200, b"ok")
-    await asyncio.sleep(0.3)  # the kept timer fires on the idle connection meanwhile
+    (idle,) = client._idle[origin.key]
+    await wait_until(lambda: idle._timer is None, "the kept timer to fire on the idle connection")
     assert await body_of(client, origin, read_timeout=0.1) == (200, b"ok")
-    assert connections == 1
+    assert handler.connections == 1
 
 
 async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
@@ -290,7 +285,7 @@ async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
 
     async def answers_then_late(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        writer.write(OK_ANSWER)
         await writer.drain()
         await read_request(reader)
         await asyncio.sleep(0.6)  # past the first exchange's timeout, within the second's
@@ -378,7 +373,7 @@ async def test_connection_is_not_reused_after_an_early_answer(
         if head.startswith(b"POST"):
             writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
         else:
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            writer.write(OK_ANSWER)
         await writer.drain()
         await reader.read()
 
