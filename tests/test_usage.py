@@ -180,6 +180,20 @@ def test_whole_answer_reads_the_top_level_usage(
     assert usage_of_answer(body + b"\n") == expected_counts(document)
 
 
+@pytest.mark.parametrize(
+    "cut",
+    [b'{"usage"', b'{"usage":', b'{"usage":{', b'{"usage":{}', b'{"a": "usage"'],
+)
+def test_answer_cut_short_after_usage_has_none(cut: bytes) -> None:
+    assert usage_of_answer(cut) == NO_USAGE
+
+
+def test_compact_and_spaced_usage_read_alike() -> None:
+    compact = b'{"id":"a","usage":{"prompt_tokens":3,"completion_tokens":4}}'
+    spaced = b'{"id": "a", "usage" :\n {"prompt_tokens": 3, "completion_tokens": 4} }\n'
+    assert usage_of_answer(compact) == usage_of_answer(spaced) == (3, 4)
+
+
 def test_whole_answer_with_usage_last_or_not() -> None:
     last = b'{"id": "a", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}'
     first = b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "id": "a"}'
