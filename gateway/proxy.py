@@ -299,18 +299,19 @@ class Proxy:
         # 1. Route. The body is read only when a candidate route matches on its model.
         match = self.router.match(request.path)
         body: bytes | None = None
-        model: str | None = None
-        if match.needs_body:
-            try:
-                body = await read_body(request, self.max_body_bytes)
-            except BodyTooLarge:
-                return self._too_large(self.unrouted, request_id, started)
-            model = body_model(body)
-        route: RouteRuntime | None = None
-        for group in match.groups:
-            route = group.select(request.headers, model)
-            if route is not None:
-                break
+        route = match.only
+        if route is None:
+            model: str | None = None
+            if match.needs_body:
+                try:
+                    body = await read_body(request, self.max_body_bytes)
+                except BodyTooLarge:
+                    return self._too_large(self.unrouted, request_id, started)
+                model = body_model(body)
+            for group in match.groups:
+                route = group.select(request.headers, model)
+                if route is not None:
+                    break
         if route is None:
             return self._fail(
                 self.unrouted, NO_ROUTE, f"no route matches {request.path}", request_id, started
@@ -459,7 +460,8 @@ class Proxy:
                     metrics, UPSTREAM_UNAVAILABLE,
                     f"backend {pool.name} is unavailable: {error}", request_id, started,
                 )  # fmt: skip
-            pool.succeeded(endpoint)
+            if endpoint.consecutive_failures:  # no call and no write on the usual path
+                pool.succeeded(endpoint)
             response, complete = await self._relay(exchange, upstream)
         finally:
             endpoint.active -= 1

@@ -42,6 +42,25 @@ def test_longest_prefix_first_with_shorter_ones_as_fallbacks() -> None:
     assert picked(r, "/v2/models/b:predict", {}, None) is None
 
 
+def test_only_route_when_the_path_alone_decides() -> None:
+    r = router()
+    assert r.match("/v2/models/a:predict").only == "a"
+    # A longer prefix with conditions comes first: headers or the body decide.
+    assert r.match("/v1/chat/completions").only is None
+    # The longest prefix's routes are all unconditional: its first one takes everything,
+    # however many shorter prefixes also match.
+    assert r.match("/v1/embeddings").only == "v1-anything"
+    assert r.match("/v3").only is None
+    canary = RouteMatcher("/m", "canary", header_name="x", header_value="1")
+    assert Router([RouteMatcher("/m", "plain"), canary]).match("/m").only is None
+    # Whenever there is an only route, it is what the groups would pick for any request.
+    for path in ("/v2/models/a:predict", "/v1/embeddings", "/v1"):
+        only = r.match(path).only
+        assert only is not None
+        for headers, model in (({}, None), ({"x-canary": "1"}, "llama")):
+            assert picked(r, path, headers, model) == only
+
+
 def test_remembered_matches_equal_fresh_ones_and_stay_bounded() -> None:
     r, fresh = router(), router()
     paths = [
