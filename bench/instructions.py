@@ -68,6 +68,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated feature sets (default: all)",
     )
     parser.add_argument("--scale", action="store_true", help="1x1 against 100x8 (traces)")
+    parser.add_argument(
+        "--cache-sim",
+        action="store_true",
+        help="also simulate caches and branch prediction (callgrind_annotate the kept dumps)",
+    )
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--json", type=Path, default=None, help="results file")
     parser.add_argument("--keep", action="store_true", help="keep the work dir")
@@ -117,6 +122,7 @@ class Cell:
         routes: int = 1,
         endpoints: int = 1,
         redis_url: str,
+        cache_sim: bool = False,
     ) -> None:
         self.name = f"{feature.value}" if routes == endpoints == 1 else f"{routes}x{endpoints}"
         self.label = feature.label if routes == endpoints == 1 else (
@@ -152,6 +158,7 @@ class Cell:
                 "valgrind",
                 "--tool=callgrind",
                 "--instr-atstart=no",
+                *(["--cache-sim=yes", "--branch-sim=yes"] if cache_sim else []),
                 f"--callgrind-out-file={self.out}",
                 *gateway_command(),
                 "run",
@@ -253,6 +260,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 routes=routes,
                 endpoints=endpoints,
                 redis_url=args.redis_url,
+                cache_sim=args.cache_sim,
             )
             print(f"[callgrind] {cell.label} ...", file=sys.stderr, flush=True)
             result = cell.measure(args.requests, args.warmup, args.connections)
