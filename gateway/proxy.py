@@ -215,7 +215,8 @@ class _OneWriteResponse(web.StreamResponse):
 
 
 class LoadTrace(Protocol):
-    """One model's load trace (gateway.core.trace.ModelTrace); times are ``clock()``."""
+    """One model's load trace (gateway.core.trace.ModelTrace); times are wall-clock
+    seconds, ``perf_counter() + perf_offset``."""
 
     def add(self, now: float) -> None: ...
 
@@ -229,7 +230,7 @@ class LoadTrace(Protocol):
 class LoadTracer(Protocol):
     """Counts each backend's load into trace windows (gateway.tracing.TraceWriter)."""
 
-    clock: Callable[[], float]
+    perf_offset: float  # wall-clock time minus perf_counter(), kept current by the tracer
 
     def trace_of(self, model: str) -> LoadTrace: ...
 
@@ -255,6 +256,7 @@ class Exchange:
     tokens: TokenCounts = NO_USAGE  # (prompt, completion) from a streamed answer's usage
     answer: bytes | None = None  # or the whole answer, when traced: its trace reads usage
     answered: bool = False  # the backend sent an answer (its headers at least)
+    finished: float = 0.0  # perf_counter() when the answer was relayed, if it was
 
 
 class Proxy:
@@ -345,7 +347,7 @@ class Proxy:
             trace = self._traces.get(pool.model)
             if trace is None:
                 trace = self._traces[pool.model] = tracer.trace_of(pool.model)
-            trace.add(tracer.clock())
+            trace.add(started + tracer.perf_offset)
             exchange.trace = trace
         exchange.metrics.in_flight += 1
         try:
@@ -353,13 +355,14 @@ class Proxy:
         finally:
             exchange.metrics.in_flight -= 1
             if tracer is not None and trace is not None:
+                now = (exchange.finished or time.perf_counter()) + tracer.perf_offset
                 if exchange.answer is not None:
-                    trace.done_answer(tracer.clock(), exchange.answer)
+                    trace.done_answer(now, exchange.answer)
                 elif exchange.answered:
                     prompt_tokens, completion_tokens = exchange.tokens
-                    trace.done(tracer.clock(), prompt_tokens, completion_tokens)
+                    trace.done(now, prompt_tokens, completion_tokens)
                 else:  # the backend never answered: no tokens to count
-                    trace.discard(tracer.clock())
+                    trace.discard(now)
 
     def _variant(self, route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
         if route.allow_override:
@@ -536,7 +539,8 @@ class Proxy:
             upstream.close()
         else:
             upstream.release()
-        metrics.count(upstream.status, time.perf_counter() - exchange.started)
+        exchange.finished = finished = time.perf_counter()
+        metrics.count(upstream.status, finished - exchange.started)
         return response, complete
 
     def _submit_shadow(

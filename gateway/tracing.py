@@ -129,6 +129,12 @@ class TraceWriter:
         self._redis = redis
         self._merge = redis.register_script(MERGE_SCRIPT) if redis is not None else None
         self.clock = clock  # wall clock, seconds: windows are aligned to unix time
+        # clock() is perf_counter() + perf_offset. The proxy reads perf_counter() at each
+        # request's start and end anyway (for its latency); with the offset those readings
+        # are its trace times too: an addition instead of two clock calls per request.
+        # Refreshed every cycle, so a stepped wall clock is followed within a window.
+        self.perf_offset = 0.0
+        self.refresh_perf_offset()
         self._sleep = sleep
         self._on_write = on_write
         self._recent_windows = recent_windows
@@ -152,8 +158,9 @@ class TraceWriter:
 
     def trace_of(self, model: str) -> ModelTrace:
         """The model's trace, the same object for the writer's whole life. The proxy keeps
-        it and calls ``add``/``done``/``done_answer``/``discard`` on it with ``clock()``
-        itself: two Python calls fewer per request than going through the methods below."""
+        it and calls ``add``/``done``/``done_answer``/``discard`` on it itself, with
+        ``perf_counter() + perf_offset`` for the time: two Python calls fewer per request
+        than going through the methods below."""
         trace = self._traces.get(model)
         if trace is None:
             trace = self._traces[model] = ModelTrace(self.interval, self.clock(), self._answers)
@@ -221,8 +228,12 @@ class TraceWriter:
                         self._enqueue(model, window)
             await self._write_backlog()
 
+    def refresh_perf_offset(self) -> None:
+        self.perf_offset = self.clock() - time.perf_counter()
+
     async def flush(self) -> bool:
         """Collect closed windows and write the backlog. True if nothing is left over."""
+        self.refresh_perf_offset()
         async with self._lock:
             self._collect(self.clock())
             return await self._write_backlog()

@@ -239,6 +239,48 @@ async def test_request_open_at_a_boundary_is_pending_there_and_counted_after(
     await assert_redis_matches_gateway_view(http, gateway, "foo", both)
 
 
+async def test_proxied_requests_are_timed_on_the_writers_clock(
+    usage_server: tuple[UsageServer, str], start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    """The proxy times a request as its own perf_counter() readings plus the writer's
+    perf_offset: arrival and end land in the windows of the writer's clock, wherever that
+    clock is, and a stepped clock is followed once the offset is refreshed."""
+    server, upstream = usage_server
+    gateway = await start_gateway(traced_document(
+        {"llm": {"url": upstream, "model": "foo"}}, key_prefix="clock", redis_url=None
+    ))  # fmt: skip
+    tracer = gateway.tracer
+    assert tracer is not None
+    await tracer.stop(flush_open=False)  # no background cycle: this test moves the clock
+    t0 = 2_000_000_000  # far from the real time; windows of 1 s
+    now = [t0 + 0.5]
+    tracer.clock = lambda: now[0]
+
+    def step(seconds: float) -> None:
+        now[0] += seconds
+        tracer.refresh_perf_offset()  # what each background cycle does
+
+    step(0)
+    await send_plan(http, proxy_url(gateway), [((100, 20), False)])
+    step(5)  # the first thing after the step is an arrival: it closes the window
+    await send_plan(http, proxy_url(gateway), [((100, 20), False)])
+    held = asyncio.create_task(chat(http, proxy_url(gateway), (50, 60), stream=True, hold="h"))
+    await asyncio.wait_for(server.arrived("h").wait(), 5)
+    step(5)  # now the first thing is an end: it closes the window
+    server.release("h")
+    status, _ = await asyncio.wait_for(held, 5)
+    assert status == 200
+    current = tracer.current("foo")
+    assert current is not None and current["window_end"] == t0 + 11
+    assert current["trace"][bucket_pair(50, 60)] == 1
+    assert current["trace"]["meta_total_reqs"] == 0
+    await tracer.flush()  # collect the closed windows, as the background cycle would
+    closed = {w["window_end"]: w["trace"] for w in tracer.recent("foo")}
+    assert sorted(closed) == [t0 + 1, t0 + 6]
+    assert closed[t0 + 1]["meta_total_reqs"] == 1
+    assert closed[t0 + 6]["meta_total_reqs"] == 2 and closed[t0 + 6]["meta_pending_reqs"] == 1
+
+
 # ---------------------------------------------------------------- AIBrix's reader
 
 

@@ -282,6 +282,18 @@ async def test_recent_windows_without_redis() -> None:
     assert not outcomes  # nothing is written anywhere
 
 
+async def test_perf_offset_turns_perf_counter_into_the_writers_clock() -> None:
+    """The proxy's trace times are its perf_counter() readings plus perf_offset: they
+    must read as the writer's clock, and follow it when the wall clock steps."""
+    clock = FakeClock()
+    w, _ = writer(None, "p", clock)
+    assert abs(time.perf_counter() + w.perf_offset - clock.now) < 0.05
+    clock.now += 3600  # the wall clock steps; the next cycle's flush picks it up
+    assert abs(time.perf_counter() + w.perf_offset - clock.now) > 3000
+    await w.flush()
+    assert abs(time.perf_counter() + w.perf_offset - clock.now) < 0.05
+
+
 def test_constructor_rejects_bad_settings() -> None:
     with pytest.raises(ValueError, match="interval_seconds"):
         TraceWriter(None, interval_seconds=0)
