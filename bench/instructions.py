@@ -2,6 +2,7 @@
 
     python -m bench.instructions [--requests 2000] [--only split,traces,shadow]
     python -m bench.instructions --scale          # 1 route x 1 endpoint vs 100 x 8
+    python -m bench.instructions --scale --cells 1x1,10x1,10x8
 
 ``bench.run`` measures requests/s, which is what users get, but on a shared VM the CPU's
 own speed drifts by more than the few per cent a feature costs. valgrind's callgrind
@@ -42,6 +43,7 @@ from bench.context import gateway_command, metric_sum
 from bench.gateway_configs import Feature, Listen, request_paths, scale_document, write
 from bench.loadgen import REQUEST_BODY
 from bench.procs import ChildFailed, Children, free_port
+from bench.run import scale_cell
 from bench.upstream import Upstream, start_upstream
 
 _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
@@ -68,6 +70,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated feature sets (default: all)",
     )
     parser.add_argument("--scale", action="store_true", help="1x1 against 100x8 (traces)")
+    parser.add_argument(
+        "--cells",
+        default="1x1,100x8",
+        help="with --scale: ROUTESxENDPOINTS cells, the first is the reference",
+    )
     parser.add_argument(
         "--cache-sim",
         action="store_true",
@@ -247,7 +254,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         upstream = start_upstream(children, [free_port() for _ in range(8)])
         plan: list[tuple[Feature, int, int]]
         if args.scale:
-            plan = [(Feature.TRACES, 1, 1), (Feature.TRACES, 100, 8)]
+            plan = [(Feature.TRACES, *scale_cell(name)) for name in args.cells.split(",")]
         else:
             plan = [(feature, 1, 1) for feature in args.features]
         results = []
