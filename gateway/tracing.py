@@ -133,8 +133,7 @@ class TraceWriter:
         # request's start and end anyway (for its latency); with the offset those readings
         # are its trace times too: an addition instead of two clock calls per request.
         # Refreshed every cycle, so a stepped wall clock is followed within a window.
-        self.perf_offset = 0.0
-        self.refresh_perf_offset()
+        self.refresh_perf_offset()  # sets perf_offset
         self._sleep = sleep
         self._on_write = on_write
         self._recent_windows = recent_windows
