@@ -165,7 +165,9 @@ class Bench:
             admin_port=free_port(),
             state_path=self.workdir / f"{name}-state.db",
             redis_url=self.args.redis_url,
-            trace_prefix=f"gwbench{self.run_id}{name.replace('x', '_')}",
+            # No target's prefix may be the start of another's followed by ":" (100x8
+            # and 100x8:1): the key count after the run globs "<prefix>:*".
+            trace_prefix=f"gwbench{self.run_id}{name.replace('x', '_').replace(':', 'a')}",
         )
         shadow_url = self.upstream.challenger_url if self.upstream is not None else None
         document = gateway_configs.scale_document(

@@ -10,7 +10,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -133,10 +133,44 @@ def route_prefix(index: int, routes: int) -> str:
     return ROUTE_PREFIX if routes == 1 else f"{ROUTE_PREFIX}{index}"
 
 
-def request_paths(routes: int) -> tuple[str, ...]:
+def request_paths(routes: int, active: int | None = None) -> tuple[str, ...]:
+    """One path per route, for the first ``active`` routes (default all of them)."""
     # bench1 is a prefix of bench10's path too; longest prefix wins, as it must in the
     # gateway, and the unequal prefix lengths keep the router's real lookup cost in view.
-    return tuple(route_prefix(i, routes) + ":predict" for i in range(routes))
+    count = routes if active is None else active
+    return tuple(route_prefix(i, routes) + ":predict" for i in range(count))
+
+
+class ScaleCell(NamedTuple):
+    """A config of ``routes`` routes with ``endpoints`` endpoints per backend, loaded on
+    its first ``active`` routes.
+
+    Two questions hide in "does the cost grow with routes": whether the work per request
+    grows with the size of the config (it should not: one route among 100 configured,
+    ``100x8:1``), and what it costs when traffic is spread over all of them (``100x8``),
+    where every request touches another route's objects and the CPU's caches hold less
+    of each.
+    """
+
+    routes: int
+    endpoints: int
+    active: int
+
+    @property
+    def name(self) -> str:
+        size = f"{self.routes}x{self.endpoints}"
+        return size if self.active == self.routes else f"{size}:{self.active}"
+
+    @property
+    def label(self) -> str:
+        size = f"{self.routes} routes x {self.endpoints} endpoints"
+        if self.active == self.routes:
+            return size
+        return f"{size}, traffic on {self.active} route{'s' if self.active > 1 else ''}"
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return request_paths(self.routes, self.active)
 
 
 def write(document: dict[str, Any], path: Path) -> Path:

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 
 from bench.context import gateway_command, metric_sum
-from bench.gateway_configs import Feature, Listen, request_paths, scale_document, write
+from bench.gateway_configs import Feature, Listen, ScaleCell, scale_document, write
 from bench.loadgen import REQUEST_BODY
 from bench.procs import ChildFailed, Children, free_port
 from bench.run import scale_cell
@@ -126,17 +126,15 @@ class Cell:
         upstream: Upstream,
         feature: Feature,
         *,
-        routes: int = 1,
-        endpoints: int = 1,
+        scale: ScaleCell | None = None,
         redis_url: str,
         cache_sim: bool = False,
     ) -> None:
-        self.name = f"{feature.value}" if routes == endpoints == 1 else f"{routes}x{endpoints}"
-        self.label = feature.label if routes == endpoints == 1 else (
-            f"{routes} routes x {endpoints} endpoints ({feature.value})"
-        )  # fmt: skip
+        cell = scale or ScaleCell(1, 1, 1)
+        self.name = feature.value if scale is None else cell.name
+        self.label = feature.label if scale is None else f"{cell.label} ({feature.value})"
         self.feature = feature
-        self.paths = request_paths(routes)
+        self.paths = cell.paths
         port, admin_port = free_port(), free_port()
         listen = Listen(
             port, admin_port, workdir / f"{self.name}-state.db", redis_url, f"gwir{port}"
@@ -144,8 +142,8 @@ class Cell:
         document = scale_document(
             feature,
             listen,
-            upstream.urls[:endpoints],
-            routes,
+            upstream.urls[: cell.endpoints],
+            cell.routes,
             shadow_url=upstream.challenger_url,
         )
         if feature.traces:
@@ -252,20 +250,19 @@ def _delta(after: str, before: str, name: str, label: str = "") -> float:
 def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     with Children(workdir) as children:
         upstream = start_upstream(children, [free_port() for _ in range(8)])
-        plan: list[tuple[Feature, int, int]]
+        plan: list[tuple[Feature, ScaleCell | None]]
         if args.scale:
-            plan = [(Feature.TRACES, *scale_cell(name)) for name in args.cells.split(",")]
+            plan = [(Feature.TRACES, scale_cell(name)) for name in args.cells.split(",")]
         else:
-            plan = [(feature, 1, 1) for feature in args.features]
+            plan = [(feature, None) for feature in args.features]
         results = []
-        for feature, routes, endpoints in plan:
+        for feature, scale in plan:
             cell = Cell(
                 children,
                 workdir,
                 upstream,
                 feature,
-                routes=routes,
-                endpoints=endpoints,
+                scale=scale,
                 redis_url=args.redis_url,
                 cache_sim=args.cache_sim,
             )

@@ -31,17 +31,19 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.context import Bench, Target
-from bench.gateway_configs import Feature, request_paths
+from bench.gateway_configs import Feature, ScaleCell
 from bench.loadgen import LoadResult, LoadSpec
 from bench.procs import cpu_seconds, free_port
 
-# name: (feature, routes, endpoints) of every gateway the paired runs need.
+_ONE = ScaleCell(1, 1, 1)
+# name: (feature, routes x endpoints) of every gateway the paired runs need.
 _CELLS = {
-    "split": (Feature.SPLIT, 1, 1),
-    "split-again": (Feature.SPLIT, 1, 1),
-    "traces": (Feature.TRACES, 1, 1),
-    "shadow": (Feature.SHADOW, 1, 1),
-    "traces-100x8": (Feature.TRACES, 100, 8),
+    "split": (Feature.SPLIT, _ONE),
+    "split-again": (Feature.SPLIT, _ONE),
+    "traces": (Feature.TRACES, _ONE),
+    "shadow": (Feature.SHADOW, _ONE),
+    "traces-100x8": (Feature.TRACES, ScaleCell(100, 8, 100)),
+    "traces-100x8-one": (Feature.TRACES, ScaleCell(100, 8, 1)),
 }
 
 # (question, measured side, reference side, acceptance limit on the cost or None).
@@ -49,7 +51,18 @@ PAIRS = (
     ("A/A control: split against split", "split-again", "split", None),
     ("traces cost (split + traces against split)", "traces", "split", 0.03),
     ("shadow 10% cost (shadow against split + traces)", "shadow", "traces", 0.15),
-    ("100 routes x 8 endpoints against 1 x 1 (traces)", "traces-100x8", "traces", 0.05),
+    (
+        "100 routes x 8 endpoints, traffic on all routes, against 1 x 1 (traces)",
+        "traces-100x8",
+        "traces",
+        0.05,
+    ),
+    (
+        "100 routes x 8 endpoints, traffic on one route, against 1 x 1 (traces)",
+        "traces-100x8-one",
+        "traces",
+        0.05,
+    ),
 )
 
 
@@ -101,8 +114,10 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     started: list[Target] = []
 
     def start(name: str) -> Target:
-        feature, routes, endpoints = _CELLS[name]
-        target = bench.start_gateway(feature, upstream.urls[:endpoints], routes=routes, name=name)
+        feature, cell = _CELLS[name]
+        target = bench.start_gateway(
+            feature, upstream.urls[: cell.endpoints], routes=cell.routes, name=name
+        )
         started.append(target)
         return target
 
@@ -110,7 +125,7 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         # Every side rotates over its paths through the same dynamic script, so wrk's own
         # per-request cost is the same on both sides of every pair.
         return LoadSpec(
-            target.base_url, request_paths(_CELLS[name][1]), args.connections, seconds, dynamic=True
+            target.base_url, _CELLS[name][1].paths, args.connections, seconds, dynamic=True
         )
 
     runs = [PairRuns(q, a, b, limit) for q, a, b, limit in wanted]
@@ -132,7 +147,7 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                 targets = {name: start(name) for name in order}
                 bench.wait_all_ready(list(targets.values()))
                 for name, target in targets.items():
-                    for path in request_paths(_CELLS[name][1]):
+                    for path in _CELLS[name][1].paths:
                         bench.sanity_check(target, path)
                 if args.warmup > 0:
                     both(targets, args.warmup)
@@ -206,4 +221,3 @@ def paired_table(summaries: list[dict[str, Any]]) -> str:
             f"| {s['cpu_share_median']:.1%} | {result} |"
         )
     return "\n".join(lines)
-

@@ -107,24 +107,32 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
 @pytest.mark.timeout(90)
 def test_scale_mode_measures_the_chosen_cells_in_alternating_order(tmp_path: Path) -> None:
     result, done = bench_process(
-        tmp_path, "--scale", "--cells=1x1, 2x2", "--feature=split", "--rounds=2",
+        tmp_path, "--scale", "--cells=1x1, 2x2,2x2:1", "--feature=split", "--rounds=2",
         "--duration=1", "--loadgen=python", "--upstream=python", "--connections=4",
         timeout=80,
     )  # fmt: skip
-    assert sorted(result["summaries"]) == ["1x1", "2x2"]
+    assert sorted(result["summaries"]) == ["1x1", "2x2", "2x2:1"]
     for name, summary in result["summaries"].items():
         assert summary["rps"] > 0 and summary["errors"] == 0, name
     # Round 1 runs the cells in the given order, round 2 backwards.
     order = [line.split()[2] for line in done.stderr.splitlines() if line.startswith("[round")]
-    assert order == ["1x1", "2x2", "2x2", "1x1"], done.stderr
+    assert order == ["1x1", "2x2", "2x2:1", "2x2:1", "2x2", "1x1"], done.stderr
 
 
 def test_scale_cells_are_parsed_and_bad_ones_named() -> None:
+    from bench.gateway_configs import request_paths
     from bench.run import scale_cell
 
-    assert scale_cell("100x8") == (100, 8)
-    assert scale_cell(" 1x1 ") == (1, 1)
-    for bad in ("100", "x8", "ax8", "0x1", "1x0", "1x9"):
+    assert scale_cell("100x8") == (100, 8, 100)
+    assert scale_cell(" 1x1 ") == (1, 1, 1)
+    assert scale_cell("100x8:1") == (100, 8, 1)
+    assert scale_cell("100x8:100").name == "100x8"
+    # Spread: one path per route, each routed to its own route; one route: its path only.
+    assert scale_cell("10x1").paths == request_paths(10)
+    assert len(set(request_paths(10))) == 10
+    assert scale_cell("10x1:3").paths == request_paths(10)[:3]
+    assert scale_cell("10x1:3").label == "10 routes x 1 endpoints, traffic on 3 routes"
+    for bad in ("100", "x8", "ax8", "0x1", "1x0", "1x9", "2x1:0", "2x1:3", "2x1:", "2x1:a"):
         with pytest.raises(SystemExit, match="--cells"):
             scale_cell(bad)
 
