@@ -7,13 +7,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from gateway.core import usage as usage_module
 from gateway.core.usage import (
     HEAD_BYTES,
     NO_USAGE,
+    SMALL_ANSWER_BYTES,
     TAIL_BYTES,
     TokenCounts,
     UsageSniffer,
     find_usage,
+    usage_from_end,
     usage_of_answer,
 )
 
@@ -176,8 +179,13 @@ def test_whole_answer_reads_the_top_level_usage(
         else:
             document = {"usage": usage, **members}
     body = orjson.dumps(document, option=orjson.OPT_INDENT_2 if indent else 0)
-    assert usage_of_answer(body) == expected_counts(document)
-    assert usage_of_answer(body + b"\n") == expected_counts(document)
+    expected = expected_counts(document)
+    assert usage_of_answer(body) == expected
+    assert usage_of_answer(body + b"\n") == expected
+    # Both readers, whichever of them the size picks: small answers are decoded whole,
+    # the others read from the end.
+    assert usage_from_end(body) == expected
+    assert usage_from_end(body + b"\n") == expected
 
 
 @pytest.mark.parametrize(
@@ -206,3 +214,58 @@ def test_whole_answer_with_usage_last_or_not() -> None:
     assert orjson.loads(in_key) == {'x"usage': {"prompt_tokens": 8}}
     assert usage_of_answer(in_key) == NO_USAGE
     assert usage_of_answer(b'{"predictions": [[0.1, 0.9]]}') == NO_USAGE
+
+
+def test_small_answers_are_decoded_whole_without_reading_from_the_end(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def not_called(data: bytes) -> TokenCounts:
+        raise AssertionError(f"read from the end: {data!r}")
+
+    monkeypatch.setattr(usage_module, "usage_from_end", not_called)
+    assert usage_of_answer(CHAT) == (12, 34)
+    assert usage_of_answer(b'{"predictions": [[0.1, 0.9]]}') == NO_USAGE
+    assert usage_of_answer(b'{"usage": null}') == NO_USAGE
+    assert usage_of_answer(b'{"usage": {"prompt_tokens": -4, "completion_tokens": 2}}') == (0, 2)
+    # Duplicate members: the last one counts, as in a full parse.
+    assert usage_of_answer(b'{"usage": {"prompt_tokens": 1}, "usage": {"prompt_tokens": 2}}') == (
+        2,
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (b'{"usage": {"prompt_tokens": 2.5, "completion_tokens": 3}}', (0, 3)),  # not an int
+        (b'{"usage": {"prompt_tokens": true, "completion_tokens": 3}}', (0, 3)),  # a bool
+        (b'{"usage": {"prompt_tokens": null, "completion_tokens": 3}}', (0, 3)),
+        (b'data: {"usage": {"prompt_tokens": 0, "completion_tokens": 3}}\n\n', (0, 3)),
+        # Python's json.dumps writes NaN; no JSON parser here reads it.
+        (b'{"usage": {"prompt_tokens": NaN, "completion_tokens": 3}}', NO_USAGE),
+    ],
+)
+def test_small_answers_msgspec_cannot_read_are_read_from_the_end(
+    body: bytes, expected: TokenCounts
+) -> None:
+    assert len(body) <= SMALL_ANSWER_BYTES
+    assert usage_of_answer(body) == usage_from_end(body) == expected
+
+
+@pytest.mark.parametrize(
+    "size", [SMALL_ANSWER_BYTES - 1, SMALL_ANSWER_BYTES, SMALL_ANSWER_BYTES + 1]
+)
+def test_answers_either_side_of_the_small_bound(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    tail = b'"usage": {"prompt_tokens": 7, "completion_tokens": 8}}'
+    head = b'{"text": "'
+    body = head + b"x" * (size - len(head) - len(b'", ') - len(tail)) + b'", ' + tail
+    assert len(body) == size
+    read_from_end: list[bytes] = []
+
+    def recording(data: bytes) -> TokenCounts:
+        read_from_end.append(data)
+        return usage_from_end(data)
+
+    monkeypatch.setattr(usage_module, "usage_from_end", recording)
+    assert usage_of_answer(body) == (7, 8)
+    assert read_from_end == ([body] if size > SMALL_ANSWER_BYTES else [])

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 
+import msgspec
 import orjson
 
 HEAD_BYTES = 8 * 1024
@@ -97,10 +98,48 @@ class _HeadAndTail:
         return find_usage(tail) or find_usage(head) or NO_USAGE
 
 
+# Up to this size an answer (a classifier's scores, a short completion) is decoded whole
+# by msgspec into its top-level ``usage`` alone: one C call that skips everything else,
+# two to three times cheaper than finding and parsing the usage at the end of the text
+# (``usage_from_end``). Skipping costs per byte, finding the end does not: past about 800
+# bytes of numbers (1,700 of text) the end wins, hence the bound.
+SMALL_ANSWER_BYTES = 512
+
+
+class _Usage(msgspec.Struct):
+    # int, as in _counts_of: a bool, a float, a string or null is not a count, and makes
+    # the decode fail over to usage_from_end, which reads that count as 0.
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class _Answer(msgspec.Struct):
+    usage: _Usage | None = None  # other members are skipped, not built
+
+
+_decode_answer = msgspec.json.Decoder(_Answer).decode
+
+
 def usage_of_answer(data: bytes) -> TokenCounts:
     """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
-    else holding a ``"usage": {...}`` (an event stream). Runs for every traced answer,
-    hence its steps written out here rather than split into helpers."""
+    else holding a ``"usage": {...}`` (an event stream). Runs for every traced answer."""
+    if len(data) <= SMALL_ANSWER_BYTES:
+        try:
+            usage = _decode_answer(data).usage
+        except msgspec.DecodeError:
+            pass  # not one JSON object, or a count of another type: read it as below
+        else:
+            if usage is None:
+                return NO_USAGE
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            return (prompt if prompt > 0 else 0, completion if completion > 0 else 0)
+    return usage_from_end(data)
+
+
+def usage_from_end(data: bytes) -> TokenCounts:
+    """``usage_of_answer`` for any size, working from the end of the text, where servers
+    put ``usage``: the work does not grow with the answer. Its steps are written out here
+    rather than split into helpers, as it runs for every large traced answer."""
     key = data.rfind(_USAGE_KEY)
     if key == -1:
         return NO_USAGE  # the usual answer of a model that is not a language model
