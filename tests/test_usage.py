@@ -18,6 +18,7 @@ from gateway.core.usage import (
     find_usage,
     usage_from_end,
     usage_of_answer,
+    usage_of_answers,
 )
 
 
@@ -269,3 +270,17 @@ def test_answers_either_side_of_the_small_bound(size: int, monkeypatch: pytest.M
     monkeypatch.setattr(usage_module, "usage_from_end", recording)
     assert usage_of_answer(body) == (7, 8)
     assert read_from_end == ([body] if size > SMALL_ANSWER_BYTES else [])
+
+
+def test_a_batch_reads_each_answer_in_order() -> None:
+    large = orjson.dumps({"text": "x" * SMALL_ANSWER_BYTES, "usage": {"prompt_tokens": 5}})
+    batch = [
+        CHAT,  # small, decoded whole
+        large,  # read from the end
+        b'{"usage": {"prompt_tokens": true, "completion_tokens": 3}}',  # msgspec refuses
+        sse([{"usage": {"prompt_tokens": 1, "completion_tokens": 2}}]),  # not one object
+        b"\x89PNG",  # not JSON
+        b"",
+    ]
+    assert usage_of_answers(batch) == [(12, 34), (5, 0), (0, 3), (1, 2), NO_USAGE, NO_USAGE]
+    assert usage_of_answers([]) == []

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import orjson
 
-from gateway.core.usage import usage_of_answer
+from gateway.core.usage import usage_of_answers
 
 TRACE_VERSION = 3
 # Whole answers kept (by reference) before their token counts are read: at most this many
@@ -164,8 +164,9 @@ class AnswerBatch:
         """Read every held answer's ``usage`` into its model's open window."""
         traces, answers = self.traces, self.answers
         self.traces, self.answers = [], []
-        for trace, answer in zip(traces, answers, strict=True):
-            in_tokens, out_tokens = usage_of_answer(answer)
+        for trace, (in_tokens, out_tokens) in zip(
+            traces, usage_of_answers(answers), strict=True
+        ):
             # token_bucket() inlined for the usual counts, as in ModelTrace.done().
             if 0 <= in_tokens < _SMALL_COUNTS and 0 <= out_tokens < _SMALL_COUNTS:
                 pair = (_SMALL_BUCKETS[in_tokens] << _PAIR_SHIFT) | _SMALL_BUCKETS[out_tokens]

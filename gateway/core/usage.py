@@ -12,6 +12,7 @@ counts. That covers a plain JSON answer
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterable
 
 import msgspec
 import orjson
@@ -122,18 +123,30 @@ _decode_answer = msgspec.json.Decoder(_Answer).decode
 
 def usage_of_answer(data: bytes) -> TokenCounts:
     """Counts from a whole answer: one JSON object (its top-level ``usage``), or anything
-    else holding a ``"usage": {...}`` (an event stream). Runs for every traced answer."""
-    if len(data) <= SMALL_ANSWER_BYTES:
-        try:
-            usage = _decode_answer(data).usage
-        except msgspec.DecodeError:
-            pass  # not one JSON object, or a count of another type: read it as below
-        else:
-            if usage is None:
-                return NO_USAGE
-            prompt, completion = usage.prompt_tokens, usage.completion_tokens
-            return (prompt if prompt > 0 else 0, completion if completion > 0 else 0)
-    return usage_from_end(data)
+    else holding a ``"usage": {...}`` (an event stream)."""
+    return usage_of_answers((data,))[0]
+
+
+def usage_of_answers(answers: Iterable[bytes]) -> list[TokenCounts]:
+    """``usage_of_answer`` of each answer. The load trace reads every traced answer this
+    way, a batch at a time: one loop instead of a call per answer."""
+    counts: list[TokenCounts] = []
+    append = counts.append
+    for data in answers:
+        if len(data) <= SMALL_ANSWER_BYTES:
+            try:
+                usage = _decode_answer(data).usage
+            except msgspec.DecodeError:
+                pass  # not one JSON object, or a count of another type: read it as below
+            else:
+                if usage is None:
+                    append(NO_USAGE)
+                else:
+                    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+                    append((prompt if prompt > 0 else 0, completion if completion > 0 else 0))
+                continue
+        append(usage_from_end(data))
+    return counts
 
 
 def usage_from_end(data: bytes) -> TokenCounts:
