@@ -315,6 +315,17 @@ def test_whole_answers_count_in_the_window_they_finished_in() -> None:
     assert first.trace == snapshot({"66:43": 1}, total=2, pending=1)
 
 
+def test_an_absurd_count_from_a_broken_server_is_bucketed_not_raised_on() -> None:
+    # msgspec reads integers of any length; a few hundred digits still fit a small answer.
+    absurd = 10**300
+    body = b'{"usage": {"prompt_tokens": ' + str(absurd).encode() + b', "completion_tokens": 2}}'
+    t = ModelTrace(10, 1000.0)
+    t.add(1001.0)
+    t.done_answer(1002.0, body)
+    [window] = t.take_finished(1010.5)
+    assert window.trace == snapshot({f"{token_bucket(absurd)}:10": 1}, total=1, pending=0)
+
+
 def test_whole_answers_are_held_a_batch_at_most() -> None:
     t = ModelTrace(10, 1000.0)
     body = answer(3, 4)
