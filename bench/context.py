@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
+import itertools
 import os
 import platform
 import subprocess
@@ -19,7 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ class Bench:
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
     notes: list[str] = field(default_factory=list)
     upstream: Upstream | None = None
+    _gateway_serials: Iterator[int] = field(default_factory=itertools.count)
 
     @classmethod
     def create(cls, workdir: Path, args: argparse.Namespace) -> Bench:
@@ -165,9 +167,10 @@ class Bench:
             admin_port=free_port(),
             state_path=self.workdir / f"{name}-state.db",
             redis_url=self.args.redis_url,
-            # No target's prefix may be the start of another's followed by ":" (100x8
-            # and 100x8:1): the key count after the run globs "<prefix>:*".
-            trace_prefix=f"gwbench{self.run_id}{name.replace('x', '_').replace(':', 'a')}",
+            # One prefix per gateway started, never the start of another's followed by
+            # ":" (the key count after the run globs "<prefix>:*"), even when a paired
+            # run restarts a gateway of the same name every round.
+            trace_prefix=f"gwbench{self.run_id}g{next(self._gateway_serials)}",
         )
         shadow_url = self.upstream.challenger_url if self.upstream is not None else None
         document = gateway_configs.scale_document(
