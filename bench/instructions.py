@@ -73,7 +73,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--cells",
         default="1x1,100x8",
-        help="with --scale: ROUTESxENDPOINTS cells, the first is the reference",
+        help="with --scale: ROUTESxENDPOINTS[:ACTIVE ROUTES] cells, the first is the reference",
     )
     parser.add_argument(
         "--cache-sim",

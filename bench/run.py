@@ -102,8 +102,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(SCALE_CELLS),
         help="--scale: ROUTESxENDPOINTS[:ACTIVE ROUTES] cells, the first is the reference "
         "(default: "
-        f"{','.join(SCALE_CELLS)}); --cells 1x1,100x8 --duration 3 --rounds 16 resolves "
-        "the acceptance pair best on a drifting VM",
+        f"{','.join(SCALE_CELLS)}); --cells 1x1,100x8,100x8:1 --duration 3 --rounds 16 "
+        "resolves the acceptance cells best on a drifting VM",
     )
     parser.add_argument("--memory-requests", type=int, default=200_000)
     parser.add_argument(

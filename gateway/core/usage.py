@@ -151,8 +151,9 @@ def usage_of_answers(answers: Iterable[bytes]) -> list[TokenCounts]:
 
 def usage_from_end(data: bytes) -> TokenCounts:
     """``usage_of_answer`` for any size, working from the end of the text, where servers
-    put ``usage``: the work does not grow with the answer. Its steps are written out here
-    rather than split into helpers, as it runs for every large traced answer."""
+    put ``usage``: when it is there, the work does not grow with the answer. Its steps are
+    written out here rather than split into helpers, as it runs for every large traced
+    answer."""
     key = data.rfind(_USAGE_KEY)
     if key == -1:
         return NO_USAGE  # the usual answer of a model that is not a language model
