@@ -32,7 +32,7 @@ from gateway.core.usage import NO_USAGE, TokenCounts, UsageSniffer
 from gateway.h1 import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
 from gateway.metrics import RouteMetrics
 from gateway.routing import Router, body_model
-from gateway.runtime import RouteRuntime
+from gateway.runtime import Lane, LoadTrace, RouteRuntime
 from gateway.shadow import (
     BoundedCopy,
     MirroredRequest,
@@ -41,7 +41,6 @@ from gateway.shadow import (
     decode_body,
     tee_stream,
 )
-from gateway.upstream import BackendPool
 
 VARIANT_HEADER = "X-Gateway-Variant"
 
@@ -214,19 +213,6 @@ class _OneWriteResponse(web.StreamResponse):
     _send_headers_immediately = False
 
 
-class LoadTrace(Protocol):
-    """One model's load trace (gateway.core.trace.ModelTrace); times are wall-clock
-    seconds, ``perf_counter() + perf_offset``."""
-
-    def add(self, now: float) -> None: ...
-
-    def done(self, now: float, in_tokens: int, out_tokens: int) -> None: ...
-
-    def done_answer(self, now: float, answer: bytes) -> None: ...
-
-    def discard(self, now: float) -> None: ...
-
-
 class LoadTracer(Protocol):
     """Counts each backend's load into trace windows (gateway.tracing.TraceWriter)."""
 
@@ -242,9 +228,7 @@ class Exchange:
     request: web.BaseRequest
     request_id: str
     route: RouteRuntime
-    variant: Variant
-    pool: BackendPool
-    metrics: RouteMetrics
+    lane: Lane  # the variant's pool, metrics and trace
     started: float
     # The whole request body, when it was read at once (to match on its model, or small
     # enough to send in one write); None while it streams.
@@ -282,8 +266,6 @@ class Proxy:
         self.new_request_id = new_request_id
         self.shadow_runner = shadow_runner
         self.tracer = tracer
-        # model -> its trace: a dict lookup per request instead of a call into the tracer.
-        self._traces: dict[str, LoadTrace] = {}
         self.draining = False
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
@@ -321,10 +303,8 @@ class Proxy:
 
         # 2-3. Key and split.
         variant = self._variant(route, request, request_id)
-        pool = route.pool(variant)
-        exchange = Exchange(
-            request, request_id, route, variant, pool, route.metrics[variant], started, body
-        )
+        lane = route.champion_lane if variant is CHAMPION else route.challenger_lane
+        exchange = Exchange(request, request_id, route, lane, started, body)
         # 6 (decided now, run last). Only answers the clients got from the champion are
         # mirrored: the challenger's own answers are not what it is compared against.
         policy = route.shadow
@@ -344,16 +324,17 @@ class Proxy:
         tracer = self.tracer
         trace = None
         if tracer is not None:
-            trace = self._traces.get(pool.model)
+            trace = lane.trace
             if trace is None:
-                trace = self._traces[pool.model] = tracer.trace_of(pool.model)
+                trace = lane.trace = tracer.trace_of(lane.pool.model)
             trace.add(started + tracer.perf_offset)
             exchange.trace = trace
-        exchange.metrics.in_flight += 1
+        metrics = lane.metrics
+        metrics.in_flight += 1
         try:
             return await self._forward(exchange)
         finally:
-            exchange.metrics.in_flight -= 1
+            metrics.in_flight -= 1
             if tracer is not None and trace is not None:
                 now = (exchange.finished or time.perf_counter()) + tracer.perf_offset
                 if exchange.answer is not None:
@@ -418,7 +399,8 @@ class Proxy:
         return source, length
 
     async def _forward(self, exchange: Exchange) -> web.StreamResponse:
-        pool, metrics = exchange.pool, exchange.metrics
+        lane = exchange.lane
+        pool, metrics = lane.pool, lane.metrics
         request, request_id, started = exchange.request, exchange.request_id, exchange.started
         try:
             data, length = self._request_body(exchange)
@@ -478,7 +460,7 @@ class Proxy:
         """Stream the upstream answer to the client chunk by chunk as it arrives.
 
         Returns the response and whether the whole answer reached the client."""
-        request, metrics = exchange.request, exchange.metrics
+        request, metrics = exchange.request, exchange.lane.metrics
         exchange.answered = True
         body = upstream.whole_body()
         response = (web.StreamResponse if body is None else _OneWriteResponse)(
@@ -489,7 +471,7 @@ class Proxy:
             response.headers,
             self.request_id_header,
             exchange.request_id,
-            exchange.variant,
+            exchange.lane.variant,
         )
         traced = exchange.trace is not None
         copy: BoundedCopy | None = None
