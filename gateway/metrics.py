@@ -191,7 +191,7 @@ class RouteMetrics:
         self.route = route
         self.variant = variant
         self.in_flight = 0  # the proxy adds and subtracts directly: no call per request
-        self._codes: dict[_Label, int] = {}  # by status code
+        self._codes: dict[_Label, int] = {}  # by status code, but for 200 (see count)
         self._errors: dict[_Label, int] = {}  # by reason
         # Observations per latency bucket, the last one past the largest bound (+Inf).
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
@@ -206,8 +206,12 @@ class RouteMetrics:
         self._error_children: dict[_Label, Counter] = {}
 
     def count(self, code: int, seconds: float) -> None:
-        codes = self._codes
-        codes[code] = codes.get(code, 0) + 1
+        if code != 200:
+            # Every answer is counted in the latency buckets, so the usual 200s need no
+            # count of their own: sync() takes them as the rest (a dict update less on
+            # nearly every request).
+            codes = self._codes
+            codes[code] = codes.get(code, 0) + 1
         self._seconds += seconds
         # Prometheus buckets are "less than or equal": the first bound >= seconds.
         self._buckets[bisect_left(LATENCY_BUCKETS, seconds)] += 1
@@ -218,8 +222,12 @@ class RouteMetrics:
 
     def sync(self) -> None:
         """Add what was counted since the last sync to the Prometheus metrics."""
-        if self._codes:
+        answered = sum(self._buckets)
+        if answered:
             codes, self._codes = self._codes, {}
+            ok = answered - sum(codes.values())
+            if ok:
+                codes[200] = ok
             self._add_to_counter(self._metrics.requests, self._code_children, codes)
             buckets, self._buckets = self._buckets, [0] * len(self._buckets)
             seconds, self._seconds = self._seconds, 0.0
