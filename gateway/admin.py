@@ -14,6 +14,7 @@ from aiohttp.typedefs import Middleware
 from gateway.config import ConfigError
 from gateway.metrics import Metrics
 from gateway.runtime import RouteRuntime
+from gateway.shadow import ShadowRunner
 from gateway.tracing import TraceWriter
 
 
@@ -34,6 +35,9 @@ class AdminTarget(Protocol):
 
     @property
     def tracer(self) -> TraceWriter | None: ...
+
+    @property
+    def shadow_runner(self) -> ShadowRunner | None: ...
 
     async def set_weight(self, route: RouteRuntime, weight: float) -> bool: ...
 
@@ -128,6 +132,13 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         return json_error(error.status, code, f"{request.method} {request.path}: {error.reason}")
 
 
+def _settle_shadows(request: web.Request) -> None:
+    """Shadow answers are compared in batches: count the waiting ones before reporting."""
+    runner = request.app[TARGET].shadow_runner
+    if runner is not None:
+        runner.compare_pending()
+
+
 def _route_or_404(request: web.Request) -> RouteRuntime | web.Response:
     name = request.match_info["name"]
     route = request.app[TARGET].routes.get(name)
@@ -146,6 +157,7 @@ async def readyz(request: web.Request) -> web.Response:
 
 
 async def metrics(request: web.Request) -> web.Response:
+    _settle_shadows(request)
     body = request.app[TARGET].metrics.render()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
@@ -153,6 +165,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 
 async def list_routes(request: web.Request) -> web.Response:
+    _settle_shadows(request)
     target = request.app[TARGET]
     return json_response(
         {
@@ -163,6 +176,7 @@ async def list_routes(request: web.Request) -> web.Response:
 
 
 async def get_route(request: web.Request) -> web.Response:
+    _settle_shadows(request)
     found = _route_or_404(request)
     if isinstance(found, web.Response):
         return found
@@ -202,6 +216,7 @@ async def get_traces(request: web.Request) -> web.Response:
 
 
 async def get_shadow(request: web.Request) -> web.Response:
+    _settle_shadows(request)
     found = _route_or_404(request)
     if isinstance(found, web.Response):
         return found

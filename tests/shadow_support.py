@@ -256,13 +256,15 @@ def requests_in_flight(gateway: Gateway) -> float:
 
 
 async def settle(gateway: Gateway, deadline: float = 5.0) -> None:
-    """Every request handler has finished (so every sample was submitted or dropped) and
-    every shadow call has ended. The client may see its last byte before the gateway
-    hands the sample over, so this is polled, not assumed."""
+    """Every request handler has finished (so every sample was submitted or dropped),
+    every shadow call has ended and its answer was compared. The client may see its last
+    byte before the gateway hands the sample over, so this is polled, not assumed."""
     runner = gateway.shadow_runner
     assert runner is not None
     await wait_until(
-        lambda: requests_in_flight(gateway) == 0 and runner.tasks_in_flight == 0,
+        lambda: requests_in_flight(gateway) == 0
+        and runner.tasks_in_flight == 0
+        and runner.pending_comparisons == 0,
         "requests and shadow calls to finish",
         deadline,
     )

@@ -20,7 +20,9 @@ import orjson
 import pytest
 from aiohttp import web
 
+import gateway.shadow as shadow_module
 from gateway.app import Gateway, free_port
+from gateway.core.stats import ShadowOutcome
 from tests.conftest import StartApp, StartGateway
 from tests.shadow_support import (
     BlackHole,
@@ -403,6 +405,84 @@ async def test_a_shadow_answering_500_counts_as_an_error_not_a_disagreement(
     assert report["last_mismatches"] == []
     assert metrics.total("gateway_upstream_errors_total") == 0
     assert metrics.total("gateway_requests_total") == 30
+
+
+# --------------------------------------------------------------------------- batched comparisons
+
+
+async def shadowed_same(
+    start_app: StartApp, start_gateway: StartGateway
+) -> tuple[Gateway, Recorder]:
+    """A route mirroring every request to a copy of its champion (every answer matches)."""
+    recorder, twin = Recorder(), Recorder()
+    champion = await start_app(tfserving_app(recorder))
+    same = await start_app(tfserving_app(twin))
+    gateway = await start_gateway(
+        gateway_document(
+            {"v1": {"url": champion}, "v1b": {"url": same}},
+            [shadow_route("r", "v1", target="v1b", sample_rate=1.0)],
+        )
+    )
+    return gateway, recorder
+
+
+async def test_a_lone_shadow_answer_is_compared_within_the_batch_delay(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    gateway, _ = await shadowed_same(start_app, start_gateway)
+    runner, policy = gateway.shadow_runner, gateway.routes["r"].shadow
+    assert runner is not None and policy is not None
+    replies = await run_clients(1, predict_jobs(http, gateway, "r", ["lone-0"]))
+    assert_champion_answers(replies)
+    # Nobody reads the report: the batch's timer alone must get it compared.
+    await wait_until(lambda: policy.stats.tally.counts.get(ShadowOutcome.MATCH) == 1, "compare")
+    assert runner.pending_comparisons == 0
+
+
+async def test_reports_and_metrics_count_answers_still_waiting_for_their_batch(
+    start_app: StartApp,
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shadow_module, "COMPARE_DELAY", 60.0)  # the timer never fires here
+    gateway, _ = await shadowed_same(start_app, start_gateway)
+    runner = gateway.shadow_runner
+    assert runner is not None
+    ids = [f"wait-{i}" for i in range(5)]
+    assert_champion_answers(await run_clients(1, predict_jobs(http, gateway, "r", ids)))
+    await wait_until(
+        lambda: runner.tasks_in_flight == 0 and runner.pending_comparisons == 5,
+        "five answers waiting for their comparison",
+    )
+    assert outcomes_of(await shadow_report(http, gateway, "r")) == {"match": 5}
+    assert runner.pending_comparisons == 0
+
+    more = [f"more-{i}" for i in range(3)]
+    assert_champion_answers(await run_clients(1, predict_jobs(http, gateway, "r", more)))
+    await wait_until(lambda: runner.pending_comparisons == 3, "three more waiting")
+    metrics = await scrape(http, gateway)
+    assert metrics.outcomes("r") == {**dict.fromkeys(OUTCOMES, 0), "match": 8}
+
+
+async def test_a_full_batch_is_compared_at_once(
+    start_app: StartApp,
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(shadow_module, "COMPARE_DELAY", 60.0)
+    gateway, _ = await shadowed_same(start_app, start_gateway)
+    runner, policy = gateway.shadow_runner, gateway.routes["r"].shadow
+    assert runner is not None and policy is not None
+    count = shadow_module.COMPARE_BATCH + 3
+    ids = [f"full-{i}" for i in range(count)]
+    assert_champion_answers(await run_clients(4, predict_jobs(http, gateway, "r", ids)))
+    await wait_until(
+        lambda: runner.tasks_in_flight == 0 and runner.pending_comparisons == 3,
+        "one full batch compared, the rest waiting",
+    )
+    assert policy.stats.tally.counts.get(ShadowOutcome.MATCH) == shadow_module.COMPARE_BATCH
 
 
 # --------------------------------------------------------------------------- methods, keys
