@@ -316,8 +316,9 @@ async def test_many_models_windows_are_written_in_a_few_round_trips(
         finally:
             await client.aclose()
     # One round trip per window would take models x 20 ms = 5 s; batches of 100 take 3
-    # (and 2 more should the script need loading).
-    assert elapsed < 1.0, f"{models} windows took {elapsed:.2f}s over a 20 ms link"
+    # (and 2 more should the script need loading): about 0.1 s, so half the sequential
+    # time leaves room for 2 busy cores and still fails the one-at-a-time writer.
+    assert elapsed < 2.5, f"{models} windows took {elapsed:.2f}s over a 20 ms link"
     assert outcomes == Counter(ok=models)
     end = int(T0) + INTERVAL
     keys = [trace_key(redis_prefix, f"m{m}", end) for m in range(models)]

@@ -127,12 +127,14 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     )
     process = await spawn_gateway(document, tmp_path, "--workers", "2")
     workers: list[int] = []
+    output: list[str] = []
     try:
         assert process.stdout is not None
         async with asyncio.timeout(20):
             while not workers:
                 line = (await process.stdout.readline()).decode()
-                assert line, "the supervisor exited before starting its workers"
+                assert line, f"the supervisor exited before starting its workers: {output}"
+                output.append(line)
                 if "started 2 workers:" in line:
                     workers = [int(pid) for pid in line.rsplit(":", 1)[1].split(",")]
         assert all(running(pid) for pid in workers)
