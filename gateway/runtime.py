@@ -8,7 +8,7 @@ backend pools and the per-route metric records.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Protocol
 
 from gateway.config import RouteConfig
@@ -57,10 +57,10 @@ class RouteRuntime:
     champion: BackendPool
     challenger: BackendPool | None
     key_source: KeySource
-    metrics: dict[Variant, RouteMetrics]
+    metrics: InitVar[Metrics]  # where the lanes' metric records come from
     # The lanes a request takes, by variant. A route without a challenger still has a
-    # challenger lane (its champion's pool under the challenger's metrics), as
-    # ``pool()`` does; no request is split to it, only a forced variant could be.
+    # challenger lane (its champion's pool under the challenger's metrics); no request is
+    # split to it, and a forced variant names it only when there is a challenger.
     champion_lane: Lane = field(init=False)
     challenger_lane: Lane = field(init=False)
     shadow: ShadowPolicy | None = None
@@ -74,20 +74,18 @@ class RouteRuntime:
     # Called after every weight change (metrics gauge, persistence).
     on_weight_change: list[Callable[[RouteRuntime], None]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, metrics: Metrics) -> None:
         self.salt = self.config.split.salt
         self.allow_override = self.config.split.allow_override
-        self.champion_lane = Lane(CHAMPION, self.champion, self.metrics[CHAMPION])
-        self.challenger_lane = Lane(CHALLENGER, self.pool(CHALLENGER), self.metrics[CHALLENGER])
+        name = self.config.name
+        self.champion_lane = Lane(CHAMPION, self.champion, metrics.route(name, CHAMPION))
+        self.challenger_lane = Lane(
+            CHALLENGER, self.challenger or self.champion, metrics.route(name, CHALLENGER)
+        )
 
     @property
     def name(self) -> str:
         return self.config.name
-
-    def pool(self, variant: Variant) -> BackendPool:
-        if variant is CHALLENGER and self.challenger is not None:
-            return self.challenger
-        return self.champion
 
     def set_weight(self, weight: float) -> None:
         """Takes effect for the very next request: the proxy reads ``threshold`` per request."""
@@ -108,7 +106,7 @@ def build_route(
         champion=pools[config.champion],
         challenger=pools[config.challenger] if config.challenger else None,
         key_source=KeySource.parse(config.split.key),
-        metrics={variant: metrics.route(config.name, variant) for variant in Variant},
+        metrics=metrics,
     )
     target = config.shadow_target
     if config.shadow is not None and target is not None:

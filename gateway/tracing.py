@@ -320,8 +320,8 @@ class TraceWriter:
                 # Merges behind it that did run are not counted twice: their markers
                 # make the retry a no-op.
                 self._count(OUTCOME_ERROR)
-                waiting = len(self._backlog)
-                log.warning("trace write %s failed (%d waiting): %s", batch[0][0].key, waiting, exc)
+                failed, waiting = self._backlog[0].key, len(self._backlog)  # those before: written
+                log.warning("trace write %s failed (%d waiting): %s", failed, waiting, exc)
                 return False
         return True
 

@@ -410,26 +410,23 @@ async def test_a_shadow_answering_500_counts_as_an_error_not_a_disagreement(
 # --------------------------------------------------------------------------- batched comparisons
 
 
-async def shadowed_same(
-    start_app: StartApp, start_gateway: StartGateway
-) -> tuple[Gateway, Recorder]:
+async def shadowed_same(start_app: StartApp, start_gateway: StartGateway) -> Gateway:
     """A route mirroring every request to a copy of its champion (every answer matches)."""
-    recorder, twin = Recorder(), Recorder()
-    champion = await start_app(tfserving_app(recorder))
-    same = await start_app(tfserving_app(twin))
+    champion = await start_app(tfserving_app(Recorder()))
+    same = await start_app(tfserving_app(Recorder()))
     gateway = await start_gateway(
         gateway_document(
             {"v1": {"url": champion}, "v1b": {"url": same}},
             [shadow_route("r", "v1", target="v1b", sample_rate=1.0)],
         )
     )
-    return gateway, recorder
+    return gateway
 
 
 async def test_a_lone_shadow_answer_is_compared_within_the_batch_delay(
     start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
 ) -> None:
-    gateway, _ = await shadowed_same(start_app, start_gateway)
+    gateway = await shadowed_same(start_app, start_gateway)
     runner, policy = gateway.shadow_runner, gateway.routes["r"].shadow
     assert runner is not None and policy is not None
     replies = await run_clients(1, predict_jobs(http, gateway, "r", ["lone-0"]))
@@ -446,7 +443,7 @@ async def test_reports_and_metrics_count_answers_still_waiting_for_their_batch(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(shadow_module, "COMPARE_DELAY", 60.0)  # the timer never fires here
-    gateway, _ = await shadowed_same(start_app, start_gateway)
+    gateway = await shadowed_same(start_app, start_gateway)
     runner = gateway.shadow_runner
     assert runner is not None
     ids = [f"wait-{i}" for i in range(5)]
@@ -472,7 +469,7 @@ async def test_a_full_batch_is_compared_at_once(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(shadow_module, "COMPARE_DELAY", 60.0)
-    gateway, _ = await shadowed_same(start_app, start_gateway)
+    gateway = await shadowed_same(start_app, start_gateway)
     runner, policy = gateway.shadow_runner, gateway.routes["r"].shadow
     assert runner is not None and policy is not None
     count = shadow_module.COMPARE_BATCH + 3
