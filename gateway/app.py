@@ -8,7 +8,6 @@ import gc
 import logging
 import os
 import signal
-import socket
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -340,10 +339,3 @@ def _bound_port(runner: web.BaseRunner) -> int:
         if isinstance(address, tuple):
             return int(address[1])
     raise RuntimeError("listener has no TCP address")
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that was free a moment ago (for tests and the benchmark harness)."""
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])

@@ -12,7 +12,8 @@ import time
 import aiohttp
 from aiohttp import web
 
-from gateway.app import Gateway, free_port
+from gateway.app import Gateway
+from gateway.ports import free_port
 from tests.cli_support import CLI, ROOT, CliResult, cli_env, run_cli
 from tests.conftest import StartApp, StartGateway
 from tests.support import admin_url, gateway_document
@@ -210,8 +211,6 @@ def curl_request(line: str) -> tuple[str, dict[str, str], str]:
 async def test_demo_answers_its_curl_and_stops_on_ctrl_c(http: aiohttp.ClientSession) -> None:
     port = free_port()
     admin_port = free_port()
-    while admin_port == port:
-        admin_port = free_port()
     proc = await asyncio.create_subprocess_exec(
         *CLI,
         "demo",

@@ -295,7 +295,7 @@ async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
 
 
 async def test_refused_connection(client: UpstreamClient) -> None:
-    from gateway.app import free_port
+    from gateway.ports import free_port
 
     origin = Origin.parse("http", "127.0.0.1", free_port())
     with pytest.raises(UpstreamError) as caught:

@@ -12,7 +12,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import free_port
+from gateway.ports import free_port
 from tests.conftest import StartApp
 from tests.support import gateway_document, spawn_gateway
 

@@ -15,8 +15,8 @@ import orjson
 import pytest
 from aiohttp import web
 
-from gateway.app import free_port
 from gateway.core.split import Variant, bucket_of, choose, threshold
+from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
 from tests.support import gateway_document, proxy_url
 

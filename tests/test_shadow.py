@@ -21,8 +21,9 @@ import pytest
 from aiohttp import web
 
 import gateway.shadow as shadow_module
-from gateway.app import Gateway, free_port
+from gateway.app import Gateway
 from gateway.core.stats import ShadowOutcome
+from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
 from tests.shadow_support import (
     BlackHole,

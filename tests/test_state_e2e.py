@@ -16,7 +16,8 @@ import aiohttp
 import orjson
 import pytest
 
-from gateway.app import Gateway, free_port
+from gateway.app import Gateway
+from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (
     CHAT_PATH,

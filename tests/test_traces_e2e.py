@@ -30,8 +30,8 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
-from gateway.app import free_port
 from gateway.core.trace import merge, serialize, trace_key, window_end
+from gateway.ports import free_port
 from tests.aibrix.loader import load_reader_module
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (

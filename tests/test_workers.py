@@ -12,8 +12,8 @@ import aiohttp
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.app import free_port
 from gateway.metrics import SYNC_SECONDS
+from gateway.ports import free_port
 from tests.conftest import StartApp
 from tests.support import gateway_document, named_app, spawn_gateway
 
