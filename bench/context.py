@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_configs, nginx
-from bench.gateway_configs import Feature, Listen
+from bench.gateway_configs import Feature, Listen, ScaleCell, route_prefix
 from bench.loadgen import REQUEST_BODY, LoadResult, LoadSpec, PythonLoad, Wrk, pick
 from bench.loop import uvloop_version
 from bench.procs import (
@@ -127,6 +127,27 @@ class Bench:
         return Target(
             "nginx",
             "nginx reverse proxy (1 worker)",
+            f"http://127.0.0.1:{port}",
+            child,
+            ready=lambda: tcp_open("127.0.0.1", port),
+        )
+
+    def start_nginx_scale(self, upstream: Upstream, cell: ScaleCell) -> Target:
+        """nginx laid out like the gateway's scale cell (``nginx.scale_proxy_config``)."""
+        binary = nginx.nginx_binary()
+        assert binary is not None
+        port = free_port()
+        prefix = self.workdir / f"nginx-{cell.name.replace(':', '-')}"
+        prefixes = [route_prefix(i, cell.routes) for i in range(cell.routes)]
+        config = nginx.scale_proxy_config(
+            prefix, port, upstream.host, upstream.ports[: cell.endpoints], prefixes
+        )
+        child = self.children.start(
+            prefix.name, [binary, *nginx.prepare(prefix, config)], cpus=self.pinning.proxy_cpus
+        )
+        return Target(
+            cell.name,
+            f"nginx: {cell.label}",
             f"http://127.0.0.1:{port}",
             child,
             ready=lambda: tcp_open("127.0.0.1", port),

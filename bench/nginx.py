@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 # Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
@@ -111,3 +111,51 @@ def prepare(prefix: Path, config: str) -> list[str]:
     conf.write_text(config)
     # -e: without it nginx opens the compiled-in error log before reading the config.
     return ["-p", str(prefix), "-c", str(conf), "-e", str(prefix / "error.log")]
+
+
+def scale_proxy_config(
+    prefix: Path,
+    port: int,
+    upstream_host: str,
+    upstream_ports: Sequence[int],
+    route_prefixes: Sequence[str],
+) -> str:
+    """nginx laid out like a gateway scale cell (``bench.gateway_configs.scale_document``):
+    one prefix location per route, each splitting its requests 50/50 by a hash of the
+    request ID between two upstream groups of its own (champion and challenger), each
+    group round robin over every upstream port with keep-alive.
+
+    The 1 x 1 cell has the same shape with one route and one port, so comparing cells
+    measures what spreading the traffic costs nginx, not what splitting does."""
+    servers = "\n".join(f"        server {upstream_host}:{p};" for p in upstream_ports)
+    groups = []
+    locations = []
+    for i, path in enumerate(route_prefixes):
+        for variant in ("v1", "v2"):
+            groups.append(f"""    upstream route{i}_{variant} {{
+{servers}
+        keepalive 64;
+        keepalive_requests {_KEEPALIVE_REQUESTS};
+    }}""")
+        # A variable in proxy_pass names one of the upstream groups above (no resolver).
+        locations.append(f"""        location {path} {{
+            proxy_pass http://route{i}_$variant;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;
+        }}""")
+    body = "\n".join(locations)
+    http = (
+        "\n".join(groups)
+        + f"""
+    split_clients "${{request_id}}" $variant {{
+        50% v2;
+        * v1;
+    }}
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+{body}
+    }}"""
+    )
+    return _frame(prefix, http)

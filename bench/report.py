@@ -54,11 +54,7 @@ def summarize(
     direct: Measured | None,
 ) -> dict[str, Any]:
     loaded = target.loaded
-    cpu_per_request = [
-        cpu / run.requests * 1e6
-        for cpu, run in zip(target.cpu_seconds, loaded, strict=False)
-        if run.requests
-    ]
+    cpu_per_request = cpu_per_request_of(target)
     cpu_share = [cpu / run.seconds for cpu, run in zip(target.cpu_seconds, loaded, strict=False)]
     summary: dict[str, Any] = {
         "label": target.label,
@@ -72,6 +68,21 @@ def summarize(
         "added_p50_us": None,
         "added_p99_us": None,
         "cpu_us_per_request": median(cpu_per_request),
+        # CPU per request over the baseline's, per round: the cost of a proxy that the
+        # load side, not its own CPU, holds back (nginx), where req/s cannot show it.
+        "cpu_x_baseline": (
+            median(
+                [
+                    mine / theirs
+                    for mine, theirs in zip(
+                        cpu_per_request, cpu_per_request_of(baseline), strict=False
+                    )
+                    if theirs
+                ]
+            )
+            if baseline
+            else None
+        ),
         "cpu_share": median(cpu_share),
         "foreign_cpu_max": max(target.foreign_cpu, default=None),
         "errors": sum(r.errors for r in loaded + target.single),
@@ -86,6 +97,15 @@ def summarize(
             target.single, direct.single, lambda x, y: x.p99_us - y.p99_us
         )
     return summary
+
+
+def cpu_per_request_of(target: Measured) -> list[float]:
+    """CPU microseconds per request of each loaded run."""
+    return [
+        cpu / run.requests * 1e6
+        for cpu, run in zip(target.cpu_seconds, target.loaded, strict=False)
+        if run.requests
+    ]
 
 
 def disturbance_note(measured: Sequence[Measured]) -> str | None:
@@ -134,12 +154,16 @@ def _notes(s: dict[str, Any]) -> str:
 
 
 def scale_table(summaries: dict[str, dict[str, Any]]) -> str:
-    rows = ["| routes x endpoints | req/s | x (1 x 1) | p50 ms | p99 ms | CPU us/req | notes |"]
-    rows.append("|" + "---|" * 7)
+    rows = [
+        "| routes x endpoints | req/s | x (1 x 1) | p50 ms | p99 ms | CPU us/req "
+        "| CPU/req x (1 x 1) | notes |"
+    ]
+    rows.append("|" + "---|" * 8)
     for s in summaries.values():
         rows.append(
             f"| {s['label']} | {_fmt(s['rps'], ',.0f')} | {_fmt(s['x_baseline'], '.3f')} "
             f"| {_fmt(s['p50_ms'], '.2f')} | {_fmt(s['p99_ms'], '.2f')} "
-            f"| {_fmt(s['cpu_us_per_request'], '.1f')} | {_notes(s)} |"
+            f"| {_fmt(s['cpu_us_per_request'], '.1f')} | {_fmt(s['cpu_x_baseline'], '.3f')} "
+            f"| {_notes(s)} |"
         )
     return "\n".join(rows)

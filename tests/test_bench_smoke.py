@@ -147,3 +147,34 @@ def test_scale_acceptance_is_judged_only_against_one_route_one_endpoint(tmp_path
     # 100 x 8 is the reference here, so its ratio to itself says nothing about item 4.
     assert result["summaries"]["100x8"]["x_baseline"] == 1.0
     assert result["acceptance"] == []
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(
+    __import__("bench.nginx").nginx.nginx_binary() is None, reason="nginx is not installed"
+)
+def test_scale_mode_runs_nginx_laid_out_like_the_gateway(tmp_path: Path) -> None:
+    result, done = bench_process(
+        tmp_path, "--scale", "--scale-proxy=nginx", "--cells=1x1,3x2", "--duration=1",
+        "--loadgen=python", "--upstream=python", "--connections=4", timeout=80,
+    )  # fmt: skip
+    assert result["proxy"] == "nginx" and result["feature"] is None
+    assert_served(result, ["1x1", "3x2"])
+    assert result["summaries"]["1x1"]["cpu_x_baseline"] == 1.0
+    assert result["summaries"]["3x2"]["cpu_x_baseline"] > 0
+    assert result["acceptance"] == []  # item 4 is about the gateway, not judged here
+    assert "nginx: 3 routes x 2 endpoints" in done.stdout
+
+
+def test_nginx_scale_config_has_a_location_and_two_groups_per_route(tmp_path: Path) -> None:
+    from bench.nginx import scale_proxy_config
+
+    config = scale_proxy_config(tmp_path, 8080, "127.0.0.1", [9001, 9002], ["/a", "/a1"])
+    assert config.count("location ") == 2
+    assert "location /a1 {" in config
+    for group in ("route0_v1", "route0_v2", "route1_v1", "route1_v2"):
+        start = config.index(f"upstream {group} {{")
+        block = config[start : config.index("}", start)]
+        assert "server 127.0.0.1:9001;" in block and "server 127.0.0.1:9002;" in block
+    assert "proxy_pass http://route1_$variant;" in config
+    assert 'split_clients "${request_id}" $variant' in config
