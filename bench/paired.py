@@ -46,6 +46,10 @@ _CELLS = {
     "traces-100x8-one": (Feature.TRACES, ScaleCell(100, 8, 1)),
 }
 
+# Measured sides whose limit is shown but not judged: traffic spread over 100 routes
+# costs what 200 models' objects cost in the CPU's caches (see bench/run.py, SCALE_CHECKS).
+REPORTED_ONLY = frozenset({"traces-100x8"})
+
 # (question, measured side, reference side, acceptance limit on the cost or None).
 PAIRS = (
     ("A/A control: split against split", "split-again", "split", None),
@@ -99,7 +103,7 @@ class PairRuns:
             "limit": self.limit,
         }
         if self.limit is not None:
-            out["passed"] = cost <= self.limit
+            out["passed"] = None if self.measured in REPORTED_ONLY else cost <= self.limit
         return out
 
 
@@ -170,7 +174,8 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
         "summaries": summaries,
         "acceptance": [
             {
-                "check": f"{s['question']}: costs <= {s['limit']:.0%} req/s",
+                "check": f"{s['question']}: costs <= {s['limit']:.0%} req/s"
+                + (" (reported, not judged)" if s["passed"] is None else ""),
                 "measured": f"{s['cost']:.1%}",
                 "passed": s["passed"],
             }
@@ -211,9 +216,12 @@ def paired_table(summaries: list[dict[str, Any]]) -> str:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for s in summaries:
-        result = "-" if s["limit"] is None else ("PASS" if s["passed"] else "FAIL")
-        if s["limit"] is not None:
-            result += f" (<= {s['limit']:.0%})"
+        if s["limit"] is None:
+            result = "-"
+        elif s["passed"] is None:
+            result = f"reported, not judged (<= {s['limit']:.0%})"
+        else:
+            result = f"{'PASS' if s['passed'] else 'FAIL'} (<= {s['limit']:.0%})"
         lines.append(
             f"| {s['question']} | {s['rounds']} | {s['rps_ratio_median']:.3f} "
             f"| {s['rps_ratio_min']:.3f} - {s['rps_ratio_max']:.3f} | {s['cost']:+.1%} "

@@ -178,3 +178,39 @@ def test_nginx_scale_config_has_a_location_and_two_groups_per_route(tmp_path: Pa
         assert "server 127.0.0.1:9001;" in block and "server 127.0.0.1:9002;" in block
     assert "proxy_pass http://route1_$variant;" in config
     assert 'split_clients "${request_id}" $variant' in config
+
+
+def test_item_4_is_judged_on_one_route_and_the_spread_cell_reported() -> None:
+    from bench.run import scale_acceptance
+
+    summaries = {
+        "1x1": {"x_baseline": 1.0},
+        "100x8": {"x_baseline": 0.91},
+        "100x8:1": {"x_baseline": 0.96},
+    }
+    lines = {line["check"]: line for line in scale_acceptance("1x1", summaries)}
+    (one,) = [line for check, line in lines.items() if "one route" in check]
+    (spread,) = [line for check, line in lines.items() if "spread" in check]
+    assert one["passed"] is True and one["measured"] == "0.960x"
+    assert spread["passed"] is None and "not judged" in spread["check"]
+    summaries["100x8:1"]["x_baseline"] = 0.94
+    (one,) = [x for x in scale_acceptance("1x1", summaries) if "one route" in x["check"]]
+    assert one["passed"] is False
+    assert scale_acceptance("100x8", summaries) == []  # 1 x 1 is not the reference
+
+
+def test_paired_spread_pair_is_reported_not_judged() -> None:
+    from bench.paired import PAIRS, PairRuns, paired_table
+
+    runs = {
+        measured: PairRuns(question, measured, reference, limit)
+        for question, measured, reference, limit in PAIRS
+    }
+    for pair in runs.values():
+        pair.rps_ratios, pair.cpu_ratios = [0.9], [0.9]
+        pair.cpu_shares, pair.cpu_extra_us = [0.5], [10.0]
+    spread, one = runs["traces-100x8"].summary(), runs["traces-100x8-one"].summary()
+    assert spread["passed"] is None and spread["limit"] == 0.05
+    assert one["passed"] is False  # a 10 % cost against 5 %
+    table = paired_table([spread, one])
+    assert "reported, not judged (<= 5%)" in table and "FAIL (<= 5%)" in table
