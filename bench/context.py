@@ -116,38 +116,30 @@ class Bench:
         )
 
     def start_nginx_proxy(self, upstream: Upstream) -> Target:
-        binary = nginx.nginx_binary()
-        assert binary is not None
         port = free_port()
         prefix = self.workdir / "nginx-proxy"
         config = nginx.proxy_config(prefix, port, upstream.host, upstream.ports[0])
-        child = self.children.start(
-            "nginx-proxy", [binary, *nginx.prepare(prefix, config)], cpus=self.pinning.proxy_cpus
-        )
-        return Target(
-            "nginx",
-            "nginx reverse proxy (1 worker)",
-            f"http://127.0.0.1:{port}",
-            child,
-            ready=lambda: tcp_open("127.0.0.1", port),
-        )
+        return self._start_nginx("nginx", "nginx reverse proxy (1 worker)", prefix, port, config)
 
     def start_nginx_scale(self, upstream: Upstream, cell: ScaleCell) -> Target:
         """nginx laid out like the gateway's scale cell (``nginx.scale_proxy_config``)."""
-        binary = nginx.nginx_binary()
-        assert binary is not None
         port = free_port()
         prefix = self.workdir / f"nginx-{cell.name.replace(':', '-')}"
         prefixes = [route_prefix(i, cell.routes) for i in range(cell.routes)]
         config = nginx.scale_proxy_config(
             prefix, port, upstream.host, upstream.ports[: cell.endpoints], prefixes
         )
+        return self._start_nginx(cell.name, f"nginx: {cell.label}", prefix, port, config)
+
+    def _start_nginx(self, name: str, label: str, prefix: Path, port: int, config: str) -> Target:
+        binary = nginx.nginx_binary()
+        assert binary is not None
         child = self.children.start(
             prefix.name, [binary, *nginx.prepare(prefix, config)], cpus=self.pinning.proxy_cpus
         )
         return Target(
-            cell.name,
-            f"nginx: {cell.label}",
+            name,
+            label,
             f"http://127.0.0.1:{port}",
             child,
             ready=lambda: tcp_open("127.0.0.1", port),

@@ -169,6 +169,15 @@ class ScaleCell(NamedTuple):
         return f"{size}, traffic on {self.active} route{'s' if self.active > 1 else ''}"
 
     @property
+    def spread(self) -> bool:
+        """Traffic on more than one route of a many-route config. Issue 5's item 4 ("cost
+        must not grow with them") is judged on the config's size, with the traffic on one
+        route; spread traffic adds what many models' objects cost in the CPU's caches,
+        which every proxy pays (nginx laid out the same way far more: README,
+        "Performance"), so such cells are reported beside it, not judged."""
+        return self.active > 1
+
+    @property
     def paths(self) -> tuple[str, ...]:
         return request_paths(self.routes, self.active)
 

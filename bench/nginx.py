@@ -84,6 +84,14 @@ def canned_config(prefix: Path, bodies: Mapping[int, bytes]) -> str:
     return _frame(prefix, "\n".join(servers))
 
 
+# How every nginx proxy here forwards: keep-alive upstream, streaming both ways, like the
+# Python proxies.
+_PROXYING = """proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_buffering off;
+            proxy_request_buffering off;"""
+
+
 def proxy_config(prefix: Path, port: int, upstream_host: str, upstream_port: int) -> str:
     """A plain keep-alive reverse proxy that streams both ways, like the Python proxies."""
     server = f"""    upstream bench_upstream {{
@@ -95,10 +103,7 @@ def proxy_config(prefix: Path, port: int, upstream_host: str, upstream_port: int
         listen 127.0.0.1:{port} backlog=4096;
         location / {{
             proxy_pass http://bench_upstream;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
+            {_PROXYING}
         }}
     }}"""
     return _frame(prefix, server)
@@ -140,10 +145,7 @@ def scale_proxy_config(
         # A variable in proxy_pass names one of the upstream groups above (no resolver).
         locations.append(f"""        location {path} {{
             proxy_pass http://route{i}_$variant;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_request_buffering off;
+            {_PROXYING}
         }}""")
     body = "\n".join(locations)
     http = (

@@ -68,21 +68,7 @@ def summarize(
         "added_p50_us": None,
         "added_p99_us": None,
         "cpu_us_per_request": median(cpu_per_request),
-        # CPU per request over the baseline's, per round: the cost of a proxy that the
-        # load side, not its own CPU, holds back (nginx), where req/s cannot show it.
-        "cpu_x_baseline": (
-            median(
-                [
-                    mine / theirs
-                    for mine, theirs in zip(
-                        cpu_per_request, cpu_per_request_of(baseline), strict=False
-                    )
-                    if theirs
-                ]
-            )
-            if baseline
-            else None
-        ),
+        "cpu_x_baseline": _cpu_ratio(cpu_per_request, baseline) if baseline else None,
         "cpu_share": median(cpu_share),
         "foreign_cpu_max": max(target.foreign_cpu, default=None),
         "errors": sum(r.errors for r in loaded + target.single),
@@ -106,6 +92,13 @@ def cpu_per_request_of(target: Measured) -> list[float]:
         for cpu, run in zip(target.cpu_seconds, target.loaded, strict=False)
         if run.requests
     ]
+
+
+def _cpu_ratio(cpu_per_request: list[float], baseline: Measured) -> float | None:
+    """Median over rounds of CPU per request over the baseline's: the cost of a proxy that
+    the load side, not its own CPU, holds back (nginx), where req/s cannot show it."""
+    theirs = cpu_per_request_of(baseline)
+    return median([a / b for a, b in zip(cpu_per_request, theirs, strict=False) if b])
 
 
 def disturbance_note(measured: Sequence[Measured]) -> str | None:

@@ -16,6 +16,8 @@ from typing import Any
 
 import pytest
 
+from bench.nginx import nginx_binary
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -132,6 +134,10 @@ def test_scale_cells_are_parsed_and_bad_ones_named() -> None:
     assert len(set(request_paths(10))) == 10
     assert scale_cell("10x1:3").paths == request_paths(10)[:3]
     assert scale_cell("10x1:3").label == "10 routes x 1 endpoints, traffic on 3 routes"
+    # Item 4 judges the cells whose traffic is on one route (see ScaleCell.spread).
+    assert [scale_cell(n).spread for n in ("1x1", "100x8:1", "100x8", "10x1:3")] == [
+        False, False, True, True,
+    ]  # fmt: skip
     for bad in ("100", "x8", "ax8", "0x1", "1x0", "1x9", "2x1:0", "2x1:3", "2x1:", "2x1:a"):
         with pytest.raises(SystemExit, match="--cells"):
             scale_cell(bad)
@@ -150,9 +156,7 @@ def test_scale_acceptance_is_judged_only_against_one_route_one_endpoint(tmp_path
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.skipif(
-    __import__("bench.nginx").nginx.nginx_binary() is None, reason="nginx is not installed"
-)
+@pytest.mark.skipif(nginx_binary() is None, reason="nginx is not installed")
 def test_scale_mode_runs_nginx_laid_out_like_the_gateway(tmp_path: Path) -> None:
     result, done = bench_process(
         tmp_path, "--scale", "--scale-proxy=nginx", "--cells=1x1,3x2", "--duration=1",
