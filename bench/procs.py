@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 
-from gateway.ports import free_port
+from tests.helpers.ports import free_port
 
 __all__ = ["free_port"]  # re-exported for the harness's other modules
 

@@ -1,4 +1,13 @@
-"""Builds a running gateway from its config: start, reload, drain, stop."""
+"""Builds a running gateway from its config: start, reload, drain, stop.
+
+Each service (state store, steering's sync, trace writer, upstream client, shadow runner,
+the two listeners) is a unit that starts on entering a context and stops on leaving it.
+``start`` enters them in order on one ``AsyncExitStack``; ``stop`` closes the stack, so
+they stop in exactly the reverse order, by construction: the proxy listener drains first
+(the admin listener still answers ``/readyz`` with "draining" meanwhile), then the
+admin listener, the shadow calls, the upstream connections, the last trace window, the
+weights' sync and the store.
+"""
 
 from __future__ import annotations
 
@@ -8,51 +17,27 @@ import gc
 import logging
 import os
 import signal
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
 from gateway.core.usage import usage_of_answer
-from gateway.h1 import UpstreamClient
 from gateway.metrics import Metrics, multiprocess_dir, sync_periodically
-from gateway.proxy import Proxy
-from gateway.routing import RouteMatcher, Router
-from gateway.runtime import RouteRuntime, build_route
+from gateway.pipeline.proxy import Proxy
+from gateway.runtime import RouteRuntime, Runtime
 from gateway.shadow import ShadowRunner
+from gateway.steering import Steering
 from gateway.store import StateStore, StoreError, open_store
 from gateway.store.redis import default_client as default_redis_client
 from gateway.tracing import TraceWriter
-from gateway.upstream import BackendPool, build_pools
-from gateway.weights import WeightSync
+from gateway.upstream import BackendPool, UpstreamClient
 from gateway.writes import BatchedServer, WriteBatch
 
 log = logging.getLogger("gateway")
-
-
-def build_routes(config: GatewayConfig, metrics: Metrics) -> dict[str, RouteRuntime]:
-    pools = build_pools(config.backends)
-    return {route.name: build_route(route, pools, metrics) for route in config.routes}
-
-
-def build_router(routes: Mapping[str, RouteRuntime]) -> Router[RouteRuntime]:
-    matchers = []
-    for route in routes.values():
-        match = route.config.match
-        matchers.append(
-            RouteMatcher(
-                path_prefix=match.path_prefix,
-                target=route,
-                model=match.model,
-                header_name=match.header.name if match.header else None,
-                header_value=match.header.value if match.header else None,
-            )
-        )
-    return Router(matchers)
 
 
 class Gateway:
@@ -70,22 +55,23 @@ class Gateway:
         self.config_path = Path(config_path) if config_path is not None else None
         self.metrics = metrics if metrics is not None else Metrics()
         self.reuse_port = reuse_port
-        self.routes: dict[str, RouteRuntime] = build_routes(config, self.metrics)
-        self._upstream: UpstreamClient | None = None  # the proxy's own calls
+        self.runtime = Runtime.build(config, self.metrics)
+        self.steering = Steering(self.metrics)
+        self.steering.adopt(self.runtime.routes)
         self.shadow_runner: ShadowRunner | None = None
         self.store: StateStore | None = None
-        self.weights: WeightSync | None = None
         self.tracer: TraceWriter | None = None
-        self._trace_redis: aioredis.Redis | None = None
         self._proxy: Proxy | None = None
-        self._proxy_runner: web.ServerRunner | None = None
-        self._admin_runner: web.AppRunner | None = None
-        self._metrics_sync: asyncio.Task[None] | None = None
+        self._services: contextlib.AsyncExitStack | None = None
         self._status = "starting"
         self.proxy_port = 0
         self.admin_port = 0
 
-    # --- AdminTarget ------------------------------------------------------------------
+    # --- what the admin API reads -------------------------------------------------------
+
+    @property
+    def routes(self) -> dict[str, RouteRuntime]:
+        return self.runtime.routes
 
     @property
     def ready(self) -> bool:
@@ -95,78 +81,165 @@ class Gateway:
     def status(self) -> str:
         return self._status
 
-    async def set_weight(self, route: RouteRuntime, weight: float) -> bool:
-        """Apply at once, then persist; returns whether the store took it."""
-        route.set_weight(weight)
-        log.info("route %s: challenger weight set to %g", route.name, weight)
-        return await self.weights.save(route) if self.weights is not None else False
-
     async def state_health(self) -> dict[str, Any]:
         if self.store is None:
             return {"backend": self.config.state.backend, "status": "stopped", "detail": ""}
         return (await self.store.health()).as_dict()
 
     async def reload(self) -> None:
-        """Re-read the config file. A bad file raises ConfigError and changes nothing."""
+        """Re-read the config file. A bad file raises ConfigError and changes nothing.
+
+        What the new file leaves as it was keeps its runtime objects (see
+        ``gateway.runtime``); a route the file removes takes its metric series with it."""
         if self.config_path is None:
             raise RuntimeError("this gateway was not started from a file")
         new_config = load(self.config_path)
-        old_config = self.config
-        routes = build_routes(new_config, self.metrics)
-        # A weight set at runtime outlives a reload unless the file changed that weight.
-        old_by_name = {r.name: r for r in old_config.routes}
-        for name, route in routes.items():
-            old = old_by_name.get(name)
-            previous = self.routes.get(name)
-            unchanged = (
-                old is not None
-                and old.split.challenger_weight == route.config.split.challenger_weight
-            )
-            if previous is not None and unchanged and route.challenger is not None:
-                route.set_weight(previous.weight)
-        for name in set(self.routes) - set(routes):
-            self.metrics.challenger_weight.remove(name)
+        old_config, old_runtime = self.config, self.runtime
+        runtime = Runtime.build(new_config, self.metrics, old_runtime)
+        for name in runtime.removed_since(old_runtime):
+            self.metrics.forget_route(name)
+        self.steering.adopt(runtime.routes)
         for section in ("server", "admin", "state", "tracing"):
             if getattr(new_config, section) != getattr(old_config, section):
                 log.warning("reload: changes to %r take effect after a restart", section)
-        self.routes = routes
-        self.config = new_config
+        self.runtime, self.config = runtime, new_config
         if self._proxy is not None:
-            self._proxy.router = build_router(routes)
-        log.info("reloaded %s: %d routes", self.config_path, len(routes))
+            self._proxy.router = runtime.router
+        try:
+            # Stored weights the new file overrules are deleted now, not at the next
+            # change some replica makes.
+            await self.steering.restore()
+        except StoreError as error:
+            log.warning("reload: state store unavailable: %s", error)
+        log.info("reloaded %s: %d routes", self.config_path, len(runtime.routes))
 
     # --- lifecycle ----------------------------------------------------------------------
 
-    async def _start_state(self) -> None:
-        state = self.config.state
-        self.store = open_store(
-            state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:"
-        )
-        self.weights = WeightSync(self.store, lambda: self.routes)
-        try:
-            await self.weights.restore()
-        except StoreError as error:
-            # Serving with the file's weights beats not serving: the watcher retries.
-            log.warning("state store unavailable at start, using configured weights: %s", error)
-        self.weights.start()
+    async def start(self) -> None:
+        async with contextlib.AsyncExitStack() as services:
+            await self._start_services(services)
+            self._services = services.pop_all()  # started: stop() closes them
+        self._status = "ready"
+        log.info(
+            "gateway listening on %s:%d (admin %s:%d), %d routes",
+            self.config.server.host, self.proxy_port, self.config.admin.host, self.admin_port,
+            len(self.routes),
+        )  # fmt: skip
 
-    def _start_tracing(self) -> None:
+    async def _start_services(self, services: contextlib.AsyncExitStack) -> None:
+        """Enter every service in order; should one fail, those already started stop."""
+        config = self.config
+        state = config.state
+        self.store = await services.enter_async_context(
+            _store_open(
+                open_store(state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:")
+            )
+        )
+        await services.enter_async_context(self.steering.synced(self.store))
+        self.tracer = await services.enter_async_context(self._tracing())
+        # One batch for both sides: a pass's answers and backend requests go out together.
+        writes = WriteBatch()
+        upstream = UpstreamClient(writes=writes)
+        services.push_async_callback(upstream.close)
+        self.shadow_runner = ShadowRunner(upstream, on_load=self._shadow_load)
+        services.push_async_callback(self.shadow_runner.close)
+        server = config.server
+        self._proxy = Proxy(
+            self.runtime.router,
+            upstream,
+            self.metrics.unrouted(),
+            request_id_header=server.request_id_header,
+            max_body_bytes=server.max_body_bytes,
+            shadow_runner=self.shadow_runner,
+            tracer=self.tracer,
+        )
+        admin = config.admin
+        self.admin_port = await services.enter_async_context(
+            self._listening(
+                web.AppRunner(
+                    build_admin_app(self, admin.token), access_log=None, shutdown_timeout=5.0
+                ),
+                admin.host,
+                admin.port,
+            )
+        )
+        self.proxy_port = await services.enter_async_context(
+            self._listening(
+                web.ServerRunner(
+                    BatchedServer(
+                        self._proxy.handle,
+                        writes=writes,
+                        access_log=None,
+                        handler_cancellation=False,
+                    ),
+                    # aiohttp closes the listener and idle keep-alive connections first,
+                    # then waits this long for running handlers.
+                    shutdown_timeout=server.drain_timeout_seconds,
+                ),
+                server.host,
+                server.port,
+                backlog=1024,
+            )
+        )
+        if multiprocess_dir() is not None:
+            await services.enter_async_context(_background(sync_periodically(self.metrics)))
+
+    async def stop(self) -> None:
+        """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
+        self._status = "draining"
+        if self._proxy is not None:
+            self._proxy.draining = True
+        if self._services is not None:
+            await self._services.aclose()
+            self._services = None
+        # The last requests' counts: under --workers they outlive this process in its
+        # metric files.
+        self.metrics.sync()
+        self._status = "stopped"
+
+    @contextlib.asynccontextmanager
+    async def _listening(
+        self, runner: web.BaseRunner, host: str, port: int, *, backlog: int = 128
+    ) -> AsyncIterator[int]:
+        """A listener on (host, port) while in the block; yields the port it bound."""
+        await runner.setup()
+        try:
+            site = web.TCPSite(
+                runner, host, port, reuse_port=self.reuse_port or None, backlog=backlog
+            )
+            await site.start()
+            yield _bound_port(runner)
+        finally:
+            await runner.cleanup()
+
+    @contextlib.asynccontextmanager
+    async def _tracing(self) -> AsyncIterator[TraceWriter | None]:
+        """The trace writer (None when tracing is off). Leaving writes the open window
+        too, so a restart loses no counts."""
         tracing = self.config.tracing
         if not tracing.enabled:
+            yield None
             return
-        url = tracing.redis_url or (
-            self.config.state.redis_url if self.config.state.backend == "redis" else None
-        )
-        self._trace_redis = default_redis_client(url) if url else None
+        state = self.config.state
+        url = tracing.redis_url or (state.redis_url if state.backend == "redis" else None)
+        redis = default_redis_client(url) if url else None
         writes = {o: self.metrics.trace_writes.labels(o) for o in ("ok", "error", "dropped")}
-        self.tracer = TraceWriter(
-            self._trace_redis,
+        tracer = TraceWriter(
+            redis,
             key_prefix=tracing.key_prefix,
             interval_seconds=tracing.interval_seconds,
             ttl_seconds=tracing.ttl_seconds,
             on_write=lambda outcome: writes[outcome].inc(),
         )
-        self.tracer.start()
+        tracer.start()
+        try:
+            yield tracer
+        finally:
+            try:
+                await tracer.stop(flush_open=True)
+            finally:
+                if redis is not None:
+                    await redis.aclose()
 
     def _shadow_load(self, pool: BackendPool) -> Callable[[bytes | None], None]:
         """Shadow calls are load on their target: count them into its traces."""
@@ -183,98 +256,6 @@ class Gateway:
             tracer.done(handle, prompt_tokens, completion_tokens)
 
         return done
-
-    async def start(self) -> None:
-        server_cfg = self.config.server
-        await self._start_state()
-        self._start_tracing()
-        # One batch for both sides: a pass's answers and backend requests go out together.
-        writes = WriteBatch()
-        self._upstream = UpstreamClient(writes=writes)
-        self.shadow_runner = ShadowRunner(self._upstream, on_load=self._shadow_load)
-        self._proxy = Proxy(
-            build_router(self.routes),
-            self._upstream,
-            self.metrics.unrouted(),
-            request_id_header=server_cfg.request_id_header,
-            max_body_bytes=server_cfg.max_body_bytes,
-            shadow_runner=self.shadow_runner,
-            tracer=self.tracer,
-        )
-        server = BatchedServer(
-            self._proxy.handle, writes=writes, access_log=None, handler_cancellation=False
-        )
-        self._proxy_runner = web.ServerRunner(
-            server, shutdown_timeout=server_cfg.drain_timeout_seconds
-        )
-        await self._proxy_runner.setup()
-        proxy_site = web.TCPSite(
-            self._proxy_runner,
-            server_cfg.host,
-            server_cfg.port,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
-        )
-        await proxy_site.start()
-        self.proxy_port = _bound_port(self._proxy_runner)
-
-        admin_cfg = self.config.admin
-        self._admin_runner = web.AppRunner(
-            build_admin_app(self, admin_cfg.token), access_log=None, shutdown_timeout=5.0
-        )
-        await self._admin_runner.setup()
-        admin_site = web.TCPSite(
-            self._admin_runner, admin_cfg.host, admin_cfg.port, reuse_port=self.reuse_port or None
-        )
-        await admin_site.start()
-        self.admin_port = _bound_port(self._admin_runner)
-        if multiprocess_dir() is not None:
-            self._metrics_sync = asyncio.create_task(
-                sync_periodically(self.metrics), name="metrics-sync"
-            )
-        self._status = "ready"
-        log.info(
-            "gateway listening on %s:%d (admin %s:%d), %d routes",
-            server_cfg.host, self.proxy_port, admin_cfg.host, self.admin_port, len(self.routes),
-        )  # fmt: skip
-
-    async def stop(self) -> None:
-        """Stop accepting, let in-flight requests finish (up to the drain timeout), close."""
-        self._status = "draining"
-        if self._proxy is not None:
-            self._proxy.draining = True
-        if self._proxy_runner is not None:
-            # aiohttp closes the listener and idle keep-alive connections first, then
-            # waits up to shutdown_timeout for running handlers.
-            await self._proxy_runner.cleanup()
-            self._proxy_runner = None
-        if self.shadow_runner is not None:
-            await self.shadow_runner.close()
-        if self._upstream is not None:
-            await self._upstream.close()
-            self._upstream = None
-        if self.weights is not None:
-            await self.weights.stop()
-        if self.tracer is not None:
-            # Writes the open window too, so a restart loses no counts.
-            await self.tracer.stop(flush_open=True)
-        if self._trace_redis is not None:
-            await self._trace_redis.aclose()
-            self._trace_redis = None
-        if self.store is not None:
-            await self.store.close()
-        if self._admin_runner is not None:
-            await self._admin_runner.cleanup()
-            self._admin_runner = None
-        if self._metrics_sync is not None:
-            self._metrics_sync.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._metrics_sync
-            self._metrics_sync = None
-        # The last requests' counts: under --workers they outlive this process in its
-        # metric files.
-        self.metrics.sync()
-        self._status = "stopped"
 
     async def serve_until_signalled(self, *, supervisor: int | None = None) -> None:
         """Run until SIGTERM or SIGINT, then drain and stop.
@@ -306,6 +287,26 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+@contextlib.asynccontextmanager
+async def _store_open(store: StateStore) -> AsyncIterator[StateStore]:
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
+@contextlib.asynccontextmanager
+async def _background(work: Any) -> AsyncIterator[None]:
+    """``work`` (a coroutine) runs as a task while in the block, cancelled on leaving."""
+    task = asyncio.create_task(work)
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _wait_until_orphaned(parent: int, interval: float = 0.5) -> None:

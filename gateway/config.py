@@ -26,6 +26,8 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from yarl import URL
 
+from gateway.core.split import weight_problem
+
 
 class ConfigError(Exception):
     """A configuration file that cannot be used. ``problems`` holds one line per problem."""
@@ -190,17 +192,18 @@ class SplitConfig(_Strict):
     @field_validator("challenger_weight", mode="before")
     @classmethod
     def _not_a_bool(cls, value: object) -> object:
-        # YAML reads "yes"/"true" as a boolean, which pydantic would take as 1.0:
-        # all traffic to the challenger because of a typo.
+        # Before pydantic's conversion, which would take a YAML "yes" as 1.0 (strings
+        # stay: ${VAR} expands to one).
         if isinstance(value, bool):
-            raise ValueError(f"must be a number between 0 and 1, got {value}")
+            raise ValueError(weight_problem(value))
         return value
 
     @field_validator("challenger_weight")
     @classmethod
     def _weight(cls, value: float) -> float:
-        if not 0.0 <= value <= 1.0:
-            raise ValueError(f"must be between 0 and 1, got {value}")
+        problem = weight_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("key")
@@ -305,11 +308,9 @@ class RouteConfig(_Strict):
 
     @model_validator(mode="after")
     def _weight_needs_challenger(self) -> RouteConfig:
-        if self.challenger is None and self.split.challenger_weight > 0:
-            raise ValueError(
-                "split.challenger_weight: a route without a challenger must have weight 0, "
-                f"got {self.split.challenger_weight}"
-            )
+        problem = weight_problem(self.split.challenger_weight, self.challenger is not None)
+        if problem is not None:
+            raise ValueError(f"split.challenger_weight: {problem}")
         return self
 
 
@@ -320,10 +321,6 @@ class GatewayConfig(_Strict):
     tracing: TracingConfig = TracingConfig()
     backends: dict[str, BackendConfig]
     routes: list[RouteConfig]
-
-    def backend_model(self, backend: str) -> str:
-        """The model name a backend's load is traced under."""
-        return self.backends[backend].model or backend
 
 
 def semantic_problems(config: GatewayConfig) -> list[str]:

@@ -36,7 +36,6 @@ DELTA_BUCKETS = (
 # Under --workers, how often each worker moves its counts into the shared metric files.
 SYNC_SECONDS = 1.0
 
-CANARY_STATES = ("idle", "progressing", "paused", "promoted", "rolled_back")
 NO_ROUTE = ""
 
 
@@ -110,8 +109,14 @@ class Metrics:
             registry=r,
         )
 
-        # One record per (route, variant) for the gateway's whole life: a reload builds
-        # new routes while requests on the old ones finish, and both count into it.
+        # Every metric with a route label: what forget_route clears.
+        self._by_route: tuple[Counter | Gauge | Histogram, ...] = (
+            self.requests, self.duration, self.in_flight, self.upstream_errors,
+            self.shadow_requests, self.shadow_latency_delta, self.challenger_weight,
+            self.canary_state, self.canary_decisions,
+        )  # fmt: skip
+        # One record per (route, variant) while the route exists: a reload builds new
+        # routes while requests on the old ones finish, and both count into it.
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
 
     def route(self, route: str, variant: Variant) -> RouteMetrics:
@@ -126,6 +131,17 @@ class Metrics:
         if record is None:
             record = self._routes[(route, variant)] = RouteMetrics(self, route, variant)
         return record
+
+    def forget_route(self, route: str) -> None:
+        """A route the config no longer has: its records and every series labelled with
+        it go, so /metrics does not report it forever. (Under --workers the series live
+        in the worker's metric files, which prometheus_client cannot remove from.)"""
+        for key in [key for key in self._routes if key[0] == route]:
+            del self._routes[key]
+        if multiprocess_dir() is not None:
+            return
+        for metric in self._by_route:
+            metric.remove_by_labels({"route": route})
 
     def sync(self) -> None:
         """Move the per-route counts into the Prometheus metrics."""

@@ -1,22 +1,27 @@
-"""Per-route runtime objects, parsed once from the config.
+"""The live objects requests use, built from the config: a pool per backend, a route per
+route (with its lanes and shadow policy), and the router over them.
 
 Everything the proxy needs per request is prepared here at load time, so the request
-path is attribute and dict lookups: the sticky-key source, the split threshold, the
-backend pools and the per-route metric records.
+path is attribute and dict lookups. A reload builds a new ``Runtime`` from the previous
+one: whatever the new file leaves as it was is carried over as the same object (a pool
+keeps its endpoints' health, a shadow policy its statistics, a route all of it), and only
+what changed is built anew. A route's weight is not the file's business alone: it is
+set by ``gateway.steering``, its one writer, after every build.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import InitVar, dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
-from gateway.config import RouteConfig
-from gateway.core.split import CHALLENGER, CHAMPION, Variant, threshold
-from gateway.keys import KeySource
+from gateway.config import GatewayConfig, RouteConfig
+from gateway.core.split import CHALLENGER, CHAMPION, Variant
 from gateway.metrics import Metrics, RouteMetrics
+from gateway.pipeline.route import RouteMatcher, Router
+from gateway.pipeline.split import KeySource
 from gateway.shadow import ShadowPolicy
-from gateway.upstream import BackendPool
+from gateway.upstream import BackendPool, build_pools
 
 
 class LoadTrace(Protocol):
@@ -46,24 +51,24 @@ class Lane:
     variant: Variant
     pool: BackendPool
     metrics: RouteMetrics
-    # Set by the proxy at the lane's first traced request (the tracer is the proxy's);
-    # every lane of one model gets the same trace.
+    # Set by the Record step at the lane's first traced request (the tracer is the
+    # proxy's); every lane of one model gets the same trace.
     trace: LoadTrace | None = None
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class RouteRuntime:
     config: RouteConfig
-    champion: BackendPool
-    challenger: BackendPool | None
     key_source: KeySource
-    metrics: InitVar[Metrics]  # where the lanes' metric records come from
     # The lanes a request takes, by variant. A route without a challenger still has a
     # challenger lane (its champion's pool under the challenger's metrics); no request is
     # split to it, and a forced variant names it only when there is a challenger.
-    champion_lane: Lane = field(init=False)
-    challenger_lane: Lane = field(init=False)
+    champion_lane: Lane
+    challenger_lane: Lane
+    has_challenger: bool
     shadow: ShadowPolicy | None = None
+    # The live split, written only by gateway.steering (the proxy reads ``threshold``
+    # per request, so a change takes effect for the very next one).
     weight: float = 0.0
     threshold: int = 0
     # Copied out of ``config`` because the proxy reads them on every request: a slot
@@ -71,54 +76,99 @@ class RouteRuntime:
     # further (which, over many routes, are rarely in cache).
     salt: str = field(init=False)
     allow_override: bool = field(init=False)
-    # Called after every weight change (metrics gauge, persistence).
-    on_weight_change: list[Callable[[RouteRuntime], None]] = field(default_factory=list)
 
-    def __post_init__(self, metrics: Metrics) -> None:
+    def __post_init__(self) -> None:
         self.salt = self.config.split.salt
         self.allow_override = self.config.split.allow_override
-        name = self.config.name
-        self.champion_lane = Lane(CHAMPION, self.champion, metrics.route(name, CHAMPION))
-        self.challenger_lane = Lane(
-            CHALLENGER, self.challenger or self.champion, metrics.route(name, CHALLENGER)
-        )
 
     @property
     def name(self) -> str:
         return self.config.name
 
-    def set_weight(self, weight: float) -> None:
-        """Takes effect for the very next request: the proxy reads ``threshold`` per request."""
-        if self.challenger is None and weight > 0:
-            raise ValueError(f"route {self.name!r} has no challenger")
-        new_threshold = threshold(weight)
-        self.weight = weight
-        self.threshold = new_threshold
-        for callback in self.on_weight_change:
-            callback(self)
+    @property
+    def champion(self) -> BackendPool:
+        return self.champion_lane.pool
+
+    @property
+    def challenger(self) -> BackendPool | None:
+        return self.challenger_lane.pool if self.has_challenger else None
 
 
 def build_route(
-    config: RouteConfig, pools: dict[str, BackendPool], metrics: Metrics
+    config: RouteConfig,
+    pools: Mapping[str, BackendPool],
+    metrics: Metrics,
+    previous: RouteRuntime | None = None,
 ) -> RouteRuntime:
+    """The route's runtime object: ``previous`` itself when nothing it depends on changed
+    (its config, and the pools it sends to), else a new one that keeps what it can."""
+    champion = pools[config.champion]
+    challenger = pools[config.challenger] if config.challenger else None
+    target = pools[config.shadow_target] if config.shadow_target else None
+    if (
+        previous is not None
+        and previous.config == config
+        and previous.champion is champion
+        and previous.challenger is challenger
+        and (previous.shadow.target if previous.shadow else None) is target
+    ):
+        return previous
+    name = config.name
     route = RouteRuntime(
         config=config,
-        champion=pools[config.champion],
-        challenger=pools[config.challenger] if config.challenger else None,
         key_source=KeySource.parse(config.split.key),
-        metrics=metrics,
+        champion_lane=Lane(CHAMPION, champion, metrics.route(name, CHAMPION)),
+        challenger_lane=Lane(CHALLENGER, challenger or champion, metrics.route(name, CHALLENGER)),
+        has_challenger=challenger is not None,
     )
-    target = config.shadow_target
     if config.shadow is not None and target is not None:
-        route.shadow = ShadowPolicy(
-            route=config.name,
-            config=config.shadow,
-            target=pools[target],
-            champion=route.champion,
-            metrics=metrics,
-            route_key=route.key_source,
-        )
-    gauge = metrics.challenger_weight.labels(config.name)
-    route.on_weight_change.append(lambda r: gauge.set(r.weight))
-    route.set_weight(config.split.challenger_weight)
+        kept = previous.shadow if previous is not None else None
+        if kept is not None and kept.same_as(config.shadow, target, champion):
+            route.shadow = kept
+        else:
+            route.shadow = ShadowPolicy(
+                route=name, config=config.shadow, target=target, champion=champion,
+                metrics=metrics,
+            )  # fmt: skip
     return route
+
+
+def build_router(routes: Mapping[str, RouteRuntime]) -> Router[RouteRuntime]:
+    matchers = []
+    for route in routes.values():
+        match = route.config.match
+        matchers.append(
+            RouteMatcher(
+                path_prefix=match.path_prefix,
+                target=route,
+                model=match.model,
+                header_name=match.header.name if match.header else None,
+                header_value=match.header.value if match.header else None,
+            )
+        )
+    return Router(matchers)
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    """One config's live objects. Immutable as a whole: a reload makes a new one."""
+
+    pools: dict[str, BackendPool]
+    routes: dict[str, RouteRuntime]
+    router: Router[RouteRuntime]
+
+    @classmethod
+    def build(
+        cls, config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
+    ) -> Runtime:
+        pools = build_pools(config.backends, previous.pools if previous else None)
+        old_routes = previous.routes if previous else {}
+        routes = {
+            route.name: build_route(route, pools, metrics, old_routes.get(route.name))
+            for route in config.routes
+        }
+        return cls(pools, routes, build_router(routes))
+
+    def removed_since(self, previous: Runtime) -> list[str]:
+        """Routes that ``previous`` had and this one does not."""
+        return [name for name in previous.routes if name not in self.routes]

@@ -20,7 +20,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from gateway.ports import free_port
+from tests.helpers.ports import free_port
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 

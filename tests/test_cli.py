@@ -13,9 +13,9 @@ import aiohttp
 from aiohttp import web
 
 from gateway.app import Gateway
-from gateway.ports import free_port
 from tests.cli_support import CLI, ROOT, CliResult, cli_env, run_cli
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.ports import free_port
 from tests.support import admin_url, gateway_document
 
 TOKEN = "cli-s3cret"

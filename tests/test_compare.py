@@ -17,8 +17,8 @@ from gateway.core.compare import (
     Answer,
     CompareSettings,
     Comparison,
+    Distance,
     FieldResult,
-    Metrics,
     Outcome,
     Reason,
     TextMatch,
@@ -641,12 +641,12 @@ def test_vector_decision_agrees_with_the_full_metrics(
 def test_metrics_are_worked_out_only_for_what_has_them() -> None:
     tight = CompareSettings(abs_tol=0.0, rel_tol=0.0)
     status = compare(answer({"x": 1}, 200), answer({"x": 1}, 500), tight).fields[0]
-    assert status.path == STATUS_FIELD and status.metrics == Metrics()
+    assert status.path == STATUS_FIELD and status.metrics == Distance()
     text = compare_values("$.t", "hello world", "hello there", tight)
     assert text.metrics.common_prefix == 6
-    assert compare_values("$.t", "same", "same", tight).metrics == Metrics()
+    assert compare_values("$.t", "same", "same", tight).metrics == Distance()
     kind = compare_values("$.k", 1.0, "1", tight)
-    assert (kind.reason, kind.metrics) == (Reason.KIND, Metrics())
+    assert (kind.reason, kind.metrics) == (Reason.KIND, Distance())
     equal = compare_values("$.v", vec([0.2, 0.8]), vec([0.2, 0.8]), tight)
     assert equal.matched
     assert (equal.metrics.cosine, equal.metrics.mismatched_elements) == (1.0, 0)

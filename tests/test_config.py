@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gateway.app import build_routes
+from gateway.app import Gateway
 from gateway.cli import build_parser
 from gateway.config import (
     ConfigError,
@@ -22,6 +22,7 @@ from gateway.config import (
     parse,
 )
 from gateway.metrics import Metrics
+from gateway.runtime import Runtime
 from tests.cli_support import ROOT, CliResult, run_cli_sync
 
 BROKEN_DIR = Path(__file__).resolve().parent / "broken_configs"
@@ -137,7 +138,7 @@ def test_check_on_missing_file(check_results: dict[Path, CliResult]) -> None:
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
 def test_shipped_config_builds(path: Path) -> None:
     config = load(path, environ={})
-    routes = build_routes(config, Metrics())
+    routes = Runtime.build(config, Metrics()).routes
     assert set(routes) == {r.name for r in config.routes}
 
 
@@ -422,7 +423,7 @@ def test_weight_too_small_for_one_bucket_without_challenger_is_consistent() -> N
         config = parse(document, environ={})
     except ConfigError:
         return
-    build_routes(config, Metrics())
+    Gateway(config)  # builds its routes and applies their weights
 
 
 @pytest.mark.parametrize("text", ["${V", "${}", "${1X}", "${A:-${B}}", "${VAR-x}", "a ${V b"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway import proxy
-from gateway.proxy import connection_listed
+from gateway.pipeline import forward
+from gateway.pipeline.forward import connection_listed
 
 
 def listed_by_the_rfc(values: list[str]) -> frozenset[str]:
@@ -34,11 +34,11 @@ def test_same_names_as_the_rfc_on_first_and_repeated_values(calls: list[list[str
 
 
 def test_remembered_values_are_bounded() -> None:
-    bound = proxy._listed_in.cache_parameters()["maxsize"]
+    bound = forward._listed_in.cache_parameters()["maxsize"]
     assert bound is not None
     for n in range(3 * bound):
         assert connection_listed([f"x-hop-{n}"]) == {f"x-hop-{n}"}
-        assert proxy._listed_in.cache_info().currsize <= bound
+        assert forward._listed_in.cache_info().currsize <= bound
     assert connection_listed(["keep-alive"]) == frozenset()
 
 
@@ -53,7 +53,7 @@ def test_listed_headers_are_dropped_before_and_after_their_connection_header() -
     from multidict import CIMultiDict
 
     from gateway.core.split import Variant
-    from gateway.proxy import copy_response_headers
+    from gateway.pipeline.forward import copy_response_headers
 
     answer = _Answer(
         [

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.h1 import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
+from gateway.upstream.client import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
 from tests.shadow_support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
@@ -295,7 +295,7 @@ async def test_a_reused_connection_times_out_on_its_new_longer_timeout(
 
 
 async def test_refused_connection(client: UpstreamClient) -> None:
-    from gateway.ports import free_port
+    from tests.helpers.ports import free_port
 
     origin = Origin.parse("http", "127.0.0.1", free_port())
     with pytest.raises(UpstreamError) as caught:
@@ -421,7 +421,7 @@ _SOME_HEADERS = [("Content-Type", "application/json"), ("X-Request-ID", "r1"), (
 def test_request_head_layout(
     headers: list[tuple[str, str]], method: str, body: object, length: int | None, framing: str
 ) -> None:
-    from gateway.h1 import _request_head
+    from gateway.upstream.client import _request_head
 
     async def stream() -> AsyncIterator[bytes]:
         yield b"12345"

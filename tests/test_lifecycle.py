@@ -12,8 +12,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.ports import free_port
 from tests.conftest import StartApp
+from tests.helpers.ports import free_port
 from tests.support import gateway_document, spawn_gateway
 
 

@@ -15,8 +15,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
-from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.ports import free_port
 from tests.support import admin_url, gateway_document, proxy_url
 
 SLOW_TIMEOUT = 0.3

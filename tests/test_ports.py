@@ -7,8 +7,8 @@ import socket
 
 import pytest
 
-from gateway import ports
-from gateway.ports import free_port
+from tests.helpers import ports
+from tests.helpers.ports import free_port
 
 
 def test_ports_are_distinct_bindable_and_below_the_ephemeral_range() -> None:

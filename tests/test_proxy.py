@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 
 from gateway.core.split import Variant, bucket_of, choose, threshold
-from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.ports import free_port
 from tests.support import gateway_document, proxy_url
 
 MiB = 1024 * 1024

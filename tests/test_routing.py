@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gateway.routing import PATH_CACHE_SIZE, RouteMatcher, Router
+from gateway.pipeline.route import PATH_CACHE_SIZE, RouteMatcher, Router
 
 
 def router() -> Router[str]:

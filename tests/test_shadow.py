@@ -20,11 +20,11 @@ import orjson
 import pytest
 from aiohttp import web
 
-import gateway.shadow as shadow_module
+import gateway.shadow.runner as shadow_module
 from gateway.app import Gateway
 from gateway.core.stats import ShadowOutcome
-from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.ports import free_port
 from tests.shadow_support import (
     BlackHole,
     Recorder,

@@ -17,7 +17,6 @@ import orjson
 import pytest
 
 from gateway.app import Gateway
-from gateway.ports import free_port
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (
     CHAT_PATH,
@@ -27,6 +26,7 @@ from tests.e2e_support import (
     eventually,
     running_gateway,
 )
+from tests.helpers.ports import free_port
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,

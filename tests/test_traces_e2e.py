@@ -31,7 +31,6 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.core.trace import merge, serialize, trace_key, window_end
-from gateway.ports import free_port
 from tests.aibrix.loader import load_reader_module
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (
@@ -52,6 +51,7 @@ from tests.e2e_support import (
     redis_traces,
     trace_writes,
 )
+from tests.helpers.ports import free_port
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,

@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 
 from gateway.config import BackendConfig
-from gateway.upstream import EJECT_AFTER_FAILURES, EJECTION_SECONDS, BackendPool
+from gateway.upstream.pool import EJECT_AFTER_FAILURES, EJECTION_SECONDS, BackendPool
 
 
 class Clock:
@@ -137,7 +137,7 @@ def test_least_request_draws_every_pair_equally_often(monkeypatch: pytest.Monkey
         for b in range(n - 1)
         for value in ((a + 0.5) / n, (b + 0.5) / (n - 1))
     )
-    monkeypatch.setattr("gateway.upstream._random", lambda: next(draws))
+    monkeypatch.setattr("gateway.upstream.pool._random", lambda: next(draws))
     p = pool("least_request", n, Clock())
     log: list[int] = []
     p.endpoints = [CompareSpy(m, log) for m in range(n)]  # type: ignore[misc]

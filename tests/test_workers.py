@@ -13,8 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import SYNC_SECONDS
-from gateway.ports import free_port
 from tests.conftest import StartApp
+from tests.helpers.ports import free_port
 from tests.support import gateway_document, named_app, spawn_gateway
 
 

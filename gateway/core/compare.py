@@ -108,7 +108,7 @@ class Answer:
 
 
 @dataclass(frozen=True, slots=True)
-class Metrics:
+class Distance:
     """How far apart two values are; None where a metric doesn't apply."""
 
     abs_error: float | None = None
@@ -121,7 +121,7 @@ class Metrics:
     common_prefix: int | None = None  # characters (or bytes) before texts diverge
 
 
-NO_METRICS = Metrics()
+NO_DISTANCE = Distance()
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +192,7 @@ class FieldResult(NamedTuple):
     settings: CompareSettings = DEFAULT_SETTINGS
 
     @property
-    def metrics(self) -> Metrics:
+    def metrics(self) -> Distance:
         return measure(self)
 
 
@@ -277,25 +277,25 @@ def compare_values(path: str, a: Value, b: Value, settings: CompareSettings) -> 
     return FieldResult(path, kind, matched, reason, a, b, settings)
 
 
-def measure(result: FieldResult) -> Metrics:
+def measure(result: FieldResult) -> Distance:
     """How far apart a field's two values are (for reports; ``matched`` is decided
     without this)."""
     a, b, s = result.champion, result.shadow, result.settings
     if result.reason in (Reason.KIND, Reason.ONLY_CHAMPION, Reason.ONLY_SHADOW, Reason.SHAPE):
-        return NO_METRICS
+        return NO_DISTANCE
     if result.path == STATUS_FIELD:
-        return NO_METRICS
+        return NO_DISTANCE
     if isinstance(a, Tensor) and isinstance(b, Tensor):
         return _tensor_metrics(a, b, s)
     if result.kind is FieldKind.NUMBER:
         assert isinstance(a, int | float) and isinstance(b, int | float)
         abs_error, rel_error = _errors(a, b)
-        return Metrics(abs_error=abs_error, rel_error=rel_error)
+        return Distance(abs_error=abs_error, rel_error=rel_error)
     if isinstance(a, str) and isinstance(b, str):
         a, b = _normalize(a, s.text_match), _normalize(b, s.text_match)
     if isinstance(a, str | bytes) and isinstance(b, str | bytes) and a != b:
-        return Metrics(common_prefix=_common_prefix(a, b))
-    return NO_METRICS
+        return Distance(common_prefix=_common_prefix(a, b))
+    return NO_DISTANCE
 
 
 _Decision = tuple[bool, Reason]
@@ -435,12 +435,12 @@ def _topk_agreement(a: Tensor, b: Tensor, top_k: int) -> float:
     return sum(overlaps) / len(overlaps) if overlaps else 1.0
 
 
-def _tensor_metrics(a: Tensor, b: Tensor, s: CompareSettings) -> Metrics:
+def _tensor_metrics(a: Tensor, b: Tensor, s: CompareSettings) -> Distance:
     finite = [
         abs(x - y) for x, y in zip(a.values, b.values, strict=True)
         if math.isfinite(x) and math.isfinite(y)
     ]  # fmt: skip
-    return Metrics(
+    return Distance(
         max_abs_error=max(finite, default=0.0),
         mismatched_elements=_mismatched_elements(a.values, b.values, s),
         cosine=cosine_similarity(a.values, b.values),

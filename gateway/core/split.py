@@ -51,6 +51,22 @@ def bucket_of(key: str, salt: str = "") -> int:
     return fnv1a_64((salt + key).encode("utf-8")) % BUCKETS
 
 
+def weight_problem(weight: object, has_challenger: bool = True) -> str | None:
+    """What is wrong with ``weight`` as a route's challenger weight, or None if nothing.
+
+    The one rule for a weight, wherever it comes from (the config file, the admin API, a
+    record in the state store): a number (not a boolean: YAML reads "yes" as true, and
+    pydantic would take it as 1.0) between 0 and 1, and 0 for a route with no
+    challenger, even a weight too small to move one bucket."""
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        return f"must be a number between 0 and 1, got {weight!r}"
+    if not 0.0 <= weight <= 1.0:  # also refuses NaN
+        return f"must be between 0 and 1, got {weight}"
+    if weight > 0 and not has_challenger:
+        return f"a route without a challenger must have weight 0, got {weight}"
+    return None
+
+
 def threshold(weight: float) -> int:
     """Number of buckets (out of 10000) that go to the challenger.
 
@@ -58,8 +74,9 @@ def threshold(weight: float) -> int:
     that a weight written as 0.29 means 2900 buckets and not 2899
     (``0.29 * 10000 == 2899.9999999999995`` in IEEE 754).
     """
-    if not 0.0 <= weight <= 1.0:
-        raise ValueError(f"weight must be between 0 and 1, got {weight}")
+    problem = weight_problem(weight)
+    if problem is not None:
+        raise ValueError(f"weight {problem}")
     return math.floor(round(weight * BUCKETS, 6))
 
 

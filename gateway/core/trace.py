@@ -219,11 +219,6 @@ class ModelTrace:
         # models of the same writer).
         self._answers = answers if answers is not None else AnswerBatch()
 
-    @property
-    def term(self) -> int:
-        """Identity of the open window: its end, in unix seconds."""
-        return self._end
-
     def add(self, now: float) -> None:
         if now >= self._boundary:
             self._close(now)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import functools
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from yarl import URL
 
 from gateway.config import BackendConfig
-from gateway.h1 import Origin
+from gateway.upstream.client import Origin
 
 # An endpoint that fails to connect this many times in a row is taken out of rotation
 # for EJECTION_SECONDS (Envoy's consecutive_gateway_failure, simplified).
@@ -64,6 +64,8 @@ class BackendPool:
     timeout_seconds: float
     connect_timeout_seconds: float
     clock: Callable[[], float] = time.monotonic
+    # What the pool was built from: a reload that leaves it equal keeps the pool.
+    config: BackendConfig | None = None
     _next: int = field(default=0)
 
     @classmethod
@@ -78,6 +80,7 @@ class BackendPool:
             timeout_seconds=config.timeout_seconds,
             connect_timeout_seconds=config.connect_timeout_seconds,
             clock=clock,
+            config=config,
         )
 
     def pick(self) -> Endpoint | None:
@@ -147,6 +150,18 @@ class BackendPool:
 
 
 def build_pools(
-    backends: dict[str, BackendConfig], clock: Callable[[], float] = time.monotonic
+    backends: Mapping[str, BackendConfig],
+    previous: Mapping[str, BackendPool] | None = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> dict[str, BackendPool]:
-    return {name: BackendPool.from_config(name, cfg, clock) for name, cfg in backends.items()}
+    """A pool per backend. A backend whose config a reload left as it was keeps its pool
+    (the same object), and with it the endpoints' ejections and the balancing position."""
+    previous = previous or {}
+    pools: dict[str, BackendPool] = {}
+    for name, config in backends.items():
+        kept = previous.get(name)
+        if kept is not None and kept.config == config:
+            pools[name] = kept
+        else:
+            pools[name] = BackendPool.from_config(name, config, clock)
+    return pools

@@ -1,8 +1,10 @@
-"""Route matching: built once from the config, then a few dict lookups per request.
+"""Step 1, Route: the route a request belongs to.
 
+The router is built once from the config; per request it costs a few dict lookups.
 Matching is separate from handling (Starlette's ``matches`` before any I/O): the proxy
 asks for the candidate routes of a path, reads the body only if one of them needs the
-JSON ``model`` field, then picks the route.
+JSON ``model`` field, then selects the route. ``Router.select`` is the same choice in one
+call, for callers that have the body's model at hand.
 """
 
 from __future__ import annotations
@@ -65,6 +67,17 @@ class PathMatch(Generic[T]):
     # then skips the groups, and touches one object per path instead of five.
     only: T | None = None
 
+    def select(self, headers: Mapping[str, str], body_model: str | None) -> T | None:
+        """The route for a request with these headers and body ``model`` (None: the body
+        names none, or was not read because ``needs_body`` is false)."""
+        if self.only is not None:
+            return self.only
+        for group in self.groups:
+            target = group.select(headers, body_model)
+            if target is not None:
+                return target
+        return None
+
 
 # Distinct paths whose matches are remembered. A gateway sees few distinct paths (one per
 # model and verb); should it see more (IDs in paths, a scan), the memory starts over
@@ -93,6 +106,12 @@ class Router(Generic[T]):
         # lookup per length, however many routes there are.
         self._lengths = sorted({len(p) for p in self._by_prefix}, reverse=True)
         self._matches: dict[str, PathMatch[T]] = {}
+
+    def select(
+        self, path: str, headers: Mapping[str, str], body_model: str | None = None
+    ) -> T | None:
+        """The route for a request: its path, headers and its JSON body's ``model``."""
+        return self.match(path).select(headers, body_model)
 
     def match(self, path: str) -> PathMatch[T]:
         """The prefix groups matching ``path``: one dict lookup for a path seen before."""

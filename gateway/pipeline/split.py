@@ -1,11 +1,24 @@
-"""Where a route's sticky split key comes from (``split.key``), parsed once at load."""
+"""Steps 2 and 3, Key and Split: the sticky key of a request and the variant it goes to.
+
+``split.key`` is parsed once at load into a ``KeySource``; per request the key is read
+and hashed (``gateway.core.split``, the published rule) against the route's live
+threshold, which the steering owner keeps current.
+"""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from aiohttp import web
+
+from gateway.core.split import CHAMPION, Variant, bucket_of, choose, parse_override
+
+if TYPE_CHECKING:
+    from gateway.runtime import RouteRuntime
+
+VARIANT_HEADER = "X-Gateway-Variant"
 
 
 class KeyKind(enum.Enum):
@@ -46,3 +59,17 @@ class KeySource:
 
 
 REQUEST_ID_KEY = KeySource(KeyKind.REQUEST_ID)
+
+
+def choose_variant(route: RouteRuntime, request: web.BaseRequest, request_id: str) -> Variant:
+    """The variant that answers this request: a forced one where the route allows the
+    override header, otherwise the one its key's bucket falls on."""
+    if route.allow_override:
+        forced = parse_override(request.headers.get(VARIANT_HEADER))
+        if forced is not None and (forced is CHAMPION or route.has_challenger):
+            return forced
+    cut = route.threshold
+    if cut <= 0:
+        return CHAMPION
+    key = route.key_source.extract(request, request_id)
+    return choose(bucket_of(key, route.salt), cut)

@@ -11,32 +11,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
-import zlib
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import orjson
 
-from gateway.config import ShadowConfig
-from gateway.core.compare import Answer, CompareSettings, Comparison, TextMatch, VectorMatch
+from gateway.core.compare import Answer, Comparison
 from gateway.core.compare import compare as compare_answers
-from gateway.core.extract import Protocol
-from gateway.core.split import bucket_of, threshold
-from gateway.core.stats import ShadowOutcome, ShadowStats, StatsSettings, render_value
-from gateway.h1 import UpstreamClient, UpstreamError
-from gateway.keys import KeySource
-from gateway.metrics import Metrics
-from gateway.upstream import BackendPool
+from gateway.core.stats import ShadowOutcome, render_value
+from gateway.shadow.bodies import BoundedCopy, decode_body
+from gateway.shadow.policy import ShadowPolicy
+from gateway.upstream import BackendPool, UpstreamClient, UpstreamError
 
 log = logging.getLogger("gateway.shadow")
 
-SHADOW_HEADER = "X-Gateway-Shadow"
-SAFE_METHODS = frozenset({"GET", "POST", "HEAD", "OPTIONS"})
-ALL_METHODS = SAFE_METHODS | {"PUT", "PATCH", "DELETE"}
 # Bodies above this are compared in a worker thread, so a large tensor answer does not
 # hold the event loop (and every client request on it) for tens of milliseconds.
 _COMPARE_INLINE_BYTES = 64 * 1024
@@ -49,84 +38,7 @@ _COMPARE_INLINE_BYTES = 64 * 1024
 # requests a second, below that the timer sends them one or two at a time.
 COMPARE_BATCH = 16
 COMPARE_DELAY = 0.02
-
-
-class BoundedCopy:
-    """A copy of a stream's bytes, abandoned once it would exceed ``limit``."""
-
-    __slots__ = ("_chunks", "_size", "limit", "overflowed")
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self._chunks: list[bytes] = []
-        self._size = 0
-        self.overflowed = False
-
-    def feed(self, chunk: bytes) -> None:
-        if self.overflowed:
-            return
-        self._size += len(chunk)
-        if self._size > self.limit:
-            self.overflowed = True
-            self._chunks.clear()
-            return
-        self._chunks.append(chunk)
-
-    def value(self) -> bytes | None:
-        return None if self.overflowed else b"".join(self._chunks)
-
-
-async def tee_stream(source: AsyncIterator[bytes], copy: BoundedCopy) -> AsyncIterator[bytes]:
-    """Pass ``source`` through unchanged while keeping a bounded copy."""
-    async for chunk in source:
-        copy.feed(chunk)
-        yield chunk
-
-
-def decode_body(body: bytes, content_encoding: str | None) -> bytes | None:
-    """The body without its content coding; None when it cannot be decoded here."""
-    coding = (content_encoding or "identity").strip().lower()
-    if coding in ("", "identity"):
-        return body
-    try:
-        if coding in ("gzip", "x-gzip"):
-            return zlib.decompress(body, wbits=16 + zlib.MAX_WBITS)
-        if coding == "deflate":
-            try:
-                return zlib.decompress(body)
-            except zlib.error:
-                return zlib.decompress(body, wbits=-zlib.MAX_WBITS)  # raw deflate
-    except zlib.error:
-        return None
-    return None  # br, zstd, ...: not compared rather than compared wrongly
-
-
-def compare_settings(config: ShadowConfig) -> CompareSettings:
-    c = config.compare
-    return CompareSettings(
-        protocol=Protocol(c.protocol),
-        ignore=tuple(c.ignore),
-        abs_tol=c.abs_tol,
-        rel_tol=c.rel_tol,
-        vector_match=VectorMatch(c.vector_match),
-        min_cosine=c.min_cosine,
-        top_k=c.top_k,
-        text_match=TextMatch(c.text_match),
-    )
-
-
-def stats_settings(config: ShadowConfig) -> StatsSettings:
-    r, b = config.report, config.baseline
-    return StatsSettings(
-        max_fields=r.max_fields,
-        latency_window=r.latency_window,
-        last_mismatches=r.last_mismatches,
-        max_value_chars=r.max_value_chars,
-        confidence=b.confidence,
-        min_samples=b.min_samples,
-        min_noise_samples=b.min_noise_samples if b.sample_rate > 0 else 0,
-        min_net_rate=b.min_net_rate,
-    )
+SHADOW_HEADER = "X-Gateway-Shadow"
 
 
 @dataclass(slots=True)
@@ -136,56 +48,6 @@ class MirroredRequest:
     raw_path: str
     headers: list[tuple[str, str]]  # as sent to the champion, without framing
     body: bytes | None
-
-
-@dataclass(slots=True)
-class ShadowPolicy:
-    """One route's shadow settings and state, built at config load."""
-
-    route: str
-    config: ShadowConfig
-    target: BackendPool
-    champion: BackendPool
-    metrics: Metrics
-    # The route's split key, for sampling: key (the same users are always mirrored).
-    route_key: KeySource | None = None
-    rng: random.Random = field(default_factory=random.Random)
-    stats: ShadowStats = field(init=False)
-    settings: CompareSettings = field(init=False)
-    timeout_seconds: float = field(init=False)
-    methods: frozenset[str] = field(init=False)
-    cut: int = field(init=False)
-    in_flight: int = 0
-    _outcomes: dict[ShadowOutcome, Any] = field(init=False)
-    _latency_delta: Any = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.stats = ShadowStats(stats_settings(self.config))
-        self.settings = compare_settings(self.config)
-        self.timeout_seconds = self.config.timeout_seconds or self.target.timeout_seconds
-        self.methods = ALL_METHODS if self.config.allow_side_effects else SAFE_METHODS
-        self.cut = threshold(self.config.sample_rate)
-        self._outcomes = {
-            o: self.metrics.shadow_requests.labels(self.route, o.value) for o in ShadowOutcome
-        }
-        self._latency_delta = self.metrics.shadow_latency_delta.labels(self.route)
-
-    def samples(self, method: str, key: str) -> bool:
-        """Whether this champion-answered request is mirrored."""
-        if self.cut <= 0 or method not in self.methods:
-            return False
-        if self.config.sampling == "key":
-            # A salt of its own: with the split's buckets, the sampled keys would be the
-            # challenger's keys, which are never mirrored.
-            return bucket_of(key, "shadow:") < self.cut
-        return self.rng.random() * 10_000 < self.cut
-
-    def count(self, outcome: ShadowOutcome) -> None:
-        self._outcomes[outcome].inc()
-
-    def fail(self, outcome: ShadowOutcome) -> None:
-        self.stats.record_failure(outcome)
-        self.count(outcome)
 
 
 def _inline(champion: Answer, shadow: Answer) -> bool:
@@ -217,7 +79,6 @@ class ShadowRunner:
         self._tasks: set[asyncio.Task[None]] = set()
         self._unsettled: list[_Unsettled] = []
         self._settle_timer: asyncio.TimerHandle | None = None
-        self._logs: dict[str, Path] = {}
         # Lets the trace writer count shadow calls as load on their target.
         self.on_load = on_load
 
@@ -338,9 +199,7 @@ class ShadowRunner:
     def _record(
         self, policy: ShadowPolicy, request_id: str, comparison: Comparison, delta: float
     ) -> None:
-        outcome = policy.stats.record(request_id, comparison, delta)
-        policy.count(outcome)
-        policy._latency_delta.observe(delta)
+        outcome = policy.compared(request_id, comparison, delta)
         if outcome is ShadowOutcome.MISMATCH and policy.config.report.mismatch_log:
             self._log_mismatch(policy, request_id, comparison)
 

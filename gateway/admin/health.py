@@ -1,0 +1,24 @@
+"""Liveness, readiness and the Prometheus scrape."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from gateway.admin.common import TARGET, json_response, settle_shadows
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return json_response({"status": "ok"})
+
+
+async def readyz(request: web.Request) -> web.Response:
+    target = request.app[TARGET]
+    return json_response({"status": target.status}, 200 if target.ready else 503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    settle_shadows(request)
+    body = request.app[TARGET].metrics.render()
+    return web.Response(
+        body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
+    )

@@ -1,0 +1,116 @@
+"""Routes: their live state (weights, split, shadow, canary), and steering them."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.admin.common import TARGET, json_error, json_response, settle_shadows
+from gateway.runtime import RouteRuntime
+from gateway.steering import SteeringError
+
+
+def route_view(route: RouteRuntime) -> dict[str, Any]:
+    config = route.config
+    match = config.match
+    return {
+        "name": route.name,
+        "match": match.model_dump(exclude_none=True),
+        "champion": route.champion.name,
+        "challenger": route.challenger.name if route.challenger else None,
+        "challenger_weight": route.weight,
+        "split": {
+            "key": config.split.key,
+            "salt": config.split.salt,
+            "allow_override": config.split.allow_override,
+            "challenger_buckets": route.threshold,
+        },
+        "shadow": _shadow_summary(route),
+        "canary": {"state": "idle", "config": config.canary.model_dump()}
+        if config.canary
+        else None,
+    }
+
+
+def _shadow_summary(route: RouteRuntime) -> dict[str, Any] | None:
+    policy = route.shadow
+    if policy is None:
+        return None
+    tally = policy.stats.tally
+    return {
+        "target": policy.target.name,
+        "sample_rate": policy.config.sample_rate,
+        "sampling": policy.config.sampling,
+        "in_flight": policy.in_flight,
+        "outcomes": {o.value: n for o, n in tally.counts.items()},
+        "agreement_rate": tally.agreement_rate,
+    }
+
+
+def shadow_report(route: RouteRuntime) -> dict[str, Any]:
+    policy = route.shadow
+    assert policy is not None
+    report: dict[str, Any] = dataclasses.asdict(policy.stats.snapshot())
+    return {**(_shadow_summary(route) or {}), **report}
+
+
+def _route_or_404(request: web.Request) -> RouteRuntime | web.Response:
+    name = request.match_info["name"]
+    route = request.app[TARGET].routes.get(name)
+    if route is None:
+        return json_error(404, "unknown_route", f"no route named {name!r}")
+    return route
+
+
+async def list_routes(request: web.Request) -> web.Response:
+    settle_shadows(request)
+    target = request.app[TARGET]
+    return json_response(
+        {
+            "routes": [route_view(r) for r in target.routes.values()],
+            "state": await target.state_health(),
+        }
+    )
+
+
+async def get_route(request: web.Request) -> web.Response:
+    settle_shadows(request)
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    return json_response({**route_view(found), "state": await request.app[TARGET].state_health()})
+
+
+async def get_shadow(request: web.Request) -> web.Response:
+    settle_shadows(request)
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    if found.shadow is None:
+        return json_error(404, "no_shadow", f"route {found.name!r} has no shadow configured")
+    return json_response(shadow_report(found))
+
+
+async def put_weight(request: web.Request) -> web.Response:
+    found = _route_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    try:
+        body = orjson.loads(await request.read())
+    except orjson.JSONDecodeError as error:
+        return json_error(400, "bad_json", f"body is not valid JSON: {error}")
+    if not isinstance(body, dict) or "challenger_weight" not in body:
+        return json_error(400, "bad_request", 'body must be {"challenger_weight": <0..1>}')
+    unknown = sorted(set(body) - {"challenger_weight"})
+    if unknown:
+        return json_error(400, "bad_request", f"unknown keys: {', '.join(unknown)}")
+    try:
+        route, persisted = await request.app[TARGET].steering.set_weight(
+            found.name, body["challenger_weight"], actor="admin"
+        )
+    except SteeringError as error:
+        return json_error(error.status, error.code, str(error))
+    return json_response({**route_view(route), "persisted": persisted})

@@ -1,0 +1,344 @@
+"""Step 4, Forward: send the request to one endpoint of the chosen backend and stream its
+answer back as it comes (server-sent events and chunked LLM output flow token by token).
+
+Hop-by-hop headers are dropped both ways (RFC 9110 7.6.1); ``X-Forwarded-*`` are set by
+the gateway. A small body that has fully arrived goes out with the request head in one
+write; anything else streams. The answer is relayed chunk by chunk; on the way it is
+read for the trace's token counts and copied for the shadow, each only when asked for.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncIterator, Sequence
+
+from aiohttp import web
+from multidict import CIMultiDict
+
+from gateway.core.split import VARIANT_TEXT, Variant
+from gateway.core.usage import UsageSniffer
+from gateway.metrics import RouteMetrics
+from gateway.pipeline import record
+from gateway.pipeline.body import limited_stream
+from gateway.pipeline.errors import (
+    BODY_TOO_LARGE,
+    NO_HEALTHY_ENDPOINT,
+    UPSTREAM_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+    BodyTooLarge,
+    GatewayError,
+    error_response,
+)
+from gateway.pipeline.exchange import Exchange
+from gateway.pipeline.split import VARIANT_HEADER
+from gateway.shadow import BoundedCopy
+from gateway.upstream import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
+
+# RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+# Not hop-by-hop, but the gateway sets them itself on the upstream request.
+_NOT_COPIED_UPSTREAM = HOP_BY_HOP | {
+    "host",
+    "content-length",
+    "expect",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+    "x-forwarded-host",
+}
+_INLINE_BODY_BYTES = 64 * 1024
+
+
+_NO_NAMES: frozenset[str] = frozenset()
+
+
+def connection_listed(values: Sequence[str]) -> frozenset[str]:
+    """Header names the sender marked hop-by-hop through its ``Connection`` header(s)."""
+    if not values:
+        return _NO_NAMES
+    if len(values) == 1:
+        return _listed_in(values[0])
+    return _parse_connection(values)
+
+
+# Senders repeat the same value ("keep-alive" on nearly every answer): parsing it once
+# saves half a microsecond per header, and the bound keeps odd values from growing it.
+@functools.lru_cache(maxsize=256)
+def _listed_in(value: str) -> frozenset[str]:
+    return _parse_connection((value,))
+
+
+def _parse_connection(values: Sequence[str]) -> frozenset[str]:
+    names = {token.strip().lower() for value in values for token in value.split(",")}
+    names.discard("")
+    # The common "keep-alive"/"close" tokens name no header worth looking for.
+    names -= {"close", "keep-alive"}
+    return frozenset(names) if names else _NO_NAMES
+
+
+def upstream_request_headers(
+    request: web.BaseRequest, request_id_header: str, request_id: str
+) -> list[tuple[str, str]]:
+    """The headers sent upstream: the client's, less hop-by-hop ones and framing (the
+    upstream client writes Host, Content-Length or Transfer-Encoding itself)."""
+    incoming = request.headers
+    extra = connection_listed(incoming.getall("Connection", ()))
+    lowered_id = request_id_header.lower()
+    headers: list[tuple[str, str]] = []
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _NOT_COPIED_UPSTREAM or lower == lowered_id or (extra and lower in extra):
+            continue
+        headers.append((name, value))
+    peer = request.remote or ""
+    prior = incoming.get("X-Forwarded-For")
+    headers.append((request_id_header, request_id))
+    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    headers.append(("X-Forwarded-Proto", request.scheme))
+    headers.append(("X-Forwarded-Host", incoming.get("Host", "")))
+    return headers
+
+
+def copy_response_headers(
+    upstream: UpstreamResponse,
+    headers: CIMultiDict[str],
+    request_id_header: str,
+    request_id: str,
+    variant: Variant,
+) -> None:
+    """Fill the client response's own headers (no intermediate copy)."""
+    connection: list[str] = []
+    for name, value in upstream.headers:
+        lower = name.lower()
+        if lower in HOP_BY_HOP:
+            if lower == "connection":
+                connection.append(value)
+            continue
+        headers.add(name, value)
+    if connection:
+        # Names the backend listed as hop-by-hop, which may have come before their
+        # Connection header: one pass, then take them out again (rarely any).
+        for listed in connection_listed(connection):
+            headers.popall(listed, None)
+    headers[request_id_header] = request_id
+    headers[VARIANT_HEADER] = VARIANT_TEXT[variant]
+
+
+class _OneWriteResponse(web.StreamResponse):
+    """A response whose head waits for its body so that both leave in one write (one
+    system call instead of two), as ``web.Response`` does. Only for an answer already
+    complete: a streamed one sends its head at once, before a first token that may be
+    seconds away. (A private aiohttp switch: should it go, this is a plain
+    StreamResponse again.)"""
+
+    _send_headers_immediately = False
+
+
+class Forwarder:
+    """Forwards exchanges with the one shared upstream client, and answers the errors
+    that happen on the way (502, 503, 504, 413) as gateway-made JSON errors."""
+
+    def __init__(
+        self, client: UpstreamClient, *, request_id_header: str, max_body_bytes: int
+    ) -> None:
+        self.client = client
+        self.request_id_header = request_id_header
+        self.max_body_bytes = max_body_bytes
+
+    def fail(
+        self,
+        metrics: RouteMetrics,
+        error: GatewayError,
+        message: str,
+        request_id: str,
+        started: float,
+    ) -> web.Response:
+        """A gateway-made error answer, counted like any other."""
+        record.count(metrics, error.status, started)
+        return error_response(error, message, request_id, self.request_id_header)
+
+    def too_large(self, metrics: RouteMetrics, request_id: str, started: float) -> web.Response:
+        return self.fail(
+            metrics, BODY_TOO_LARGE, f"request body exceeds {self.max_body_bytes} bytes",
+            request_id, started,
+        )  # fmt: skip
+
+    def _request_body(self, exchange: Exchange) -> tuple[BodySource, int | None]:
+        """What to send upstream as the body (and its length when known), copying it for
+        the shadow when the request is mirrored. Raises BodyTooLarge."""
+        request = exchange.request
+        mirror = exchange.mirror
+        if exchange.body is not None:
+            if mirror is not None:
+                mirror.request_body = exchange.body
+            return exchange.body, len(exchange.body)
+        if not request.body_exists:
+            return None, None
+        length = request.content_length
+        if length is not None and length > self.max_body_bytes:
+            raise BodyTooLarge
+        content = request.content
+        if length is not None and length <= _INLINE_BODY_BYTES and content.is_eof():
+            # Small and fully received (the usual JSON inference call): sent with the
+            # request head in one write.
+            body = content.read_nowait(-1)
+            if mirror is not None:
+                mirror.request_body = body
+            return body, length
+        # A declared length is enforced by the HTTP parser; only a chunked body needs
+        # counting on the way through.
+        source: AsyncIterator[bytes] = (
+            content.iter_any()
+            if length is not None
+            else limited_stream(content, self.max_body_bytes)
+        )
+        if mirror is not None:
+            teed = mirror.tee(source, length)
+            if teed is None:
+                exchange.mirror = None
+            else:
+                source = teed
+        return source, length
+
+    async def forward(self, exchange: Exchange) -> web.StreamResponse:
+        lane = exchange.lane
+        pool, metrics = lane.pool, lane.metrics
+        request, request_id, started = exchange.request, exchange.request_id, exchange.started
+        try:
+            data, length = self._request_body(exchange)
+        except BodyTooLarge:
+            return self.too_large(metrics, request_id, started)
+        endpoint = pool.pick()
+        if endpoint is None:
+            metrics.upstream_error("no_healthy_endpoint")
+            return self.fail(
+                metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
+                request_id, started,
+            )  # fmt: skip
+
+        headers = upstream_request_headers(request, self.request_id_header, request_id)
+        endpoint.active += 1
+        try:
+            try:
+                upstream = await self.client.request(
+                    endpoint.origin,
+                    request.method,
+                    endpoint.target(request.raw_path),
+                    headers,
+                    data,
+                    content_length=length,
+                    connect_timeout=pool.connect_timeout_seconds,
+                    read_timeout=pool.timeout_seconds,
+                )
+            except BodyTooLarge:
+                return self.too_large(metrics, request_id, started)
+            except TimeoutError:
+                metrics.upstream_error("timeout")
+                return self.fail(
+                    metrics, UPSTREAM_TIMEOUT,
+                    f"backend {pool.name} did not answer within {pool.timeout_seconds:g}s",
+                    request_id, started,
+                )  # fmt: skip
+            except (UpstreamError, OSError) as error:
+                pool.failed(endpoint)
+                reason = error.reason if isinstance(error, UpstreamError) else "connect"
+                metrics.upstream_error(reason)
+                return self.fail(
+                    metrics, UPSTREAM_UNAVAILABLE,
+                    f"backend {pool.name} is unavailable: {error}", request_id, started,
+                )  # fmt: skip
+            if endpoint.consecutive_failures:  # no call and no write on the usual path
+                pool.succeeded(endpoint)
+            response, complete = await self._relay(exchange, upstream)
+        finally:
+            endpoint.active -= 1
+        if complete and exchange.mirror is not None:
+            exchange.mirror.submit(request, request_id, headers, upstream, started)
+        return response
+
+    async def _relay(
+        self, exchange: Exchange, upstream: UpstreamResponse
+    ) -> tuple[web.StreamResponse, bool]:
+        """Stream the upstream answer to the client chunk by chunk as it arrives.
+
+        Returns the response and whether the whole answer reached the client."""
+        request, metrics = exchange.request, exchange.lane.metrics
+        exchange.answered = True
+        body = upstream.whole_body()
+        response = (web.StreamResponse if body is None else _OneWriteResponse)(
+            status=upstream.status, reason=upstream.reason
+        )
+        copy_response_headers(
+            upstream,
+            response.headers,
+            self.request_id_header,
+            exchange.request_id,
+            exchange.lane.variant,
+        )
+        traced = exchange.trace is not None
+        copy: BoundedCopy | None = None
+        if exchange.mirror is not None:
+            copy = exchange.mirror.copy_answer()
+        complete = False
+        try:
+            await response.prepare(request)
+            if body is not None:
+                # The usual small answer, already here with its head: it goes out in one
+                # write and is read in one piece.
+                if traced:  # counted even if the client leaves early: the work was done
+                    exchange.answer = body
+                await response.write_eof(body)
+                if copy is not None:
+                    copy.feed(body)
+            elif not traced and copy is None:
+                async for chunk in upstream.chunks():
+                    await response.write(chunk)
+                await response.write_eof()
+            else:
+                usage = UsageSniffer() if traced else None
+                try:
+                    async for chunk in upstream.chunks():
+                        await response.write(chunk)
+                        if usage is not None:
+                            usage.feed(chunk)
+                        if copy is not None:
+                            copy.feed(chunk)
+                finally:
+                    if usage is not None:
+                        exchange.tokens = usage.usage()
+                await response.write_eof()
+            complete = True
+        except TimeoutError:
+            # Headers are gone already; all we can do is cut the connection so the
+            # client sees an incomplete answer rather than a clean, truncated one.
+            metrics.upstream_error("timeout")
+            _abort(request)
+            upstream.close()
+        except UpstreamError:
+            metrics.upstream_error("stream_reset")
+            _abort(request)
+            upstream.close()
+        except ConnectionResetError:
+            # The client went away: stop reading from the backend.
+            upstream.close()
+        else:
+            upstream.release()
+        exchange.finished = record.count(metrics, upstream.status, exchange.started)
+        return response, complete
+
+
+def _abort(request: web.BaseRequest) -> None:
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
