@@ -1,4 +1,4 @@
-"""Route matching (``gateway.routing``): pure, no sockets."""
+"""Route selection (``gateway.pipeline.route``): pure, no sockets."""
 
 from __future__ import annotations
 
@@ -17,14 +17,6 @@ def router() -> Router[str]:
     )
 
 
-def picked(r: Router[str], path: str, headers: dict[str, str], model: str | None) -> str | None:
-    for group in r.match(path).groups:
-        target = group.select(headers, model)
-        if target is not None:
-            return target
-    return None
-
-
 def test_longest_prefix_first_with_shorter_ones_as_fallbacks() -> None:
     r = router()
     match = r.match("/v1/chat/completions")
@@ -35,11 +27,17 @@ def test_longest_prefix_first_with_shorter_ones_as_fallbacks() -> None:
     assert match.needs_body  # a /v1/chat route matches on the body's model
     assert not r.match("/v1/embeddings").needs_body
     assert r.match("/v3").groups == ()
-    assert picked(r, "/v1/chat/completions", {}, "llama") == "chat-llama"
-    assert picked(r, "/v1/chat/completions", {"x-canary": "1"}, "other") == "chat-canary"
-    assert picked(r, "/v1/chat/completions", {}, None) == "chat-default"
-    assert picked(r, "/v2/models/a:predict", {}, None) == "a"
-    assert picked(r, "/v2/models/b:predict", {}, None) is None
+    assert r.select("/v1/chat/completions", {}, "llama") == "chat-llama"
+    assert r.select("/v1/chat/completions", {"x-canary": "1"}, "other") == "chat-canary"
+    assert r.select("/v1/chat/completions", {}, None) == "chat-default"
+    assert r.select("/v2/models/a:predict", {}, None) == "a"
+    assert r.select("/v2/models/b:predict", {}, None) is None
+    # A longer prefix whose routes all decline hands the request to a shorter one.
+    fallback = Router(
+        [RouteMatcher("/v1", "any"), RouteMatcher("/v1/chat", "llama", model="llama")]
+    )
+    assert fallback.select("/v1/chat/completions", {}, "other") == "any"
+    assert fallback.select("/v1/chat/completions", {}, "llama") == "llama"
 
 
 def test_only_route_when_the_path_alone_decides() -> None:
@@ -55,10 +53,12 @@ def test_only_route_when_the_path_alone_decides() -> None:
     assert Router([RouteMatcher("/m", "plain"), canary]).match("/m").only is None
     # Whenever there is an only route, it is what the groups would pick for any request.
     for path in ("/v2/models/a:predict", "/v1/embeddings", "/v1"):
-        only = r.match(path).only
-        assert only is not None
+        match = r.match(path)
+        assert match.only is not None
         for headers, model in (({}, None), ({"x-canary": "1"}, "llama")):
-            assert picked(r, path, headers, model) == only
+            walked = [g.select(headers, model) for g in match.groups]
+            assert next(t for t in walked if t is not None) == match.only
+            assert r.select(path, headers, model) == match.only
 
 
 def test_remembered_matches_equal_fresh_ones_and_stay_bounded() -> None:
