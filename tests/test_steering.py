@@ -1,0 +1,160 @@
+"""gateway.steering: the one writer of a route's live weight, and its "file wins" rule.
+
+No sockets: routes are built from config documents, the store is the embedded SQLite one
+on a temporary file (the same code path as in production)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gateway import config as config_module
+from gateway.metrics import Metrics
+from gateway.runtime import Runtime
+from gateway.steering import Override, Steering, SteeringError, weight_key
+from gateway.store.embedded import EmbeddedStore
+
+
+def routes_document(weight: float = 0.1) -> dict[str, Any]:
+    return {
+        "backends": {"v1": {"url": "http://127.0.0.1:1"}, "v2": {"url": "http://127.0.0.1:2"}},
+        "routes": [
+            {
+                "name": "r",
+                "match": {"path_prefix": "/r"},
+                "champion": "v1",
+                "challenger": "v2",
+                "split": {"challenger_weight": weight},
+            },
+            {"name": "solo", "match": {"path_prefix": "/solo"}, "champion": "v1"},
+        ],
+    }
+
+
+class Deployment:
+    """A config's runtime and a Steering over it, reloadable like the gateway's."""
+
+    def __init__(self, weight: float = 0.1) -> None:
+        self.metrics = Metrics()
+        self.steering = Steering(self.metrics)
+        self.runtime = Runtime.build(self.config(weight), self.metrics)
+        self.steering.adopt(self.runtime.routes)
+
+    @staticmethod
+    def config(weight: float) -> config_module.GatewayConfig:
+        return config_module.parse(routes_document(weight), environ={})
+
+    def reload(self, weight: float) -> None:
+        self.runtime = Runtime.build(self.config(weight), self.metrics, self.runtime)
+        self.steering.adopt(self.runtime.routes)
+
+    def weight(self, route: str = "r") -> float:
+        live = self.runtime.routes[route]
+        gauge = self.metrics.challenger_weight.labels(route)._value.get()
+        assert gauge == live.weight, "the gauge must follow every change"
+        return live.weight
+
+
+async def test_the_file_weight_applies_until_set_at_runtime() -> None:
+    d = Deployment(0.1)
+    assert d.weight() == 0.1 and d.runtime.routes["r"].threshold == 1000
+    route, persisted = await d.steering.set_weight("r", 0.3)
+    assert route is d.runtime.routes["r"] and not persisted  # no store attached
+    assert d.weight() == 0.3 and route.threshold == 3000
+
+
+async def test_the_file_wins_when_its_weight_changes_and_for_good() -> None:
+    d = Deployment(0.1)
+    await d.steering.set_weight("r", 0.3)
+    d.reload(0.1)  # the file's weight as it was: the runtime weight stays
+    assert d.weight() == 0.3
+    d.reload(0.2)  # the file changed that weight: the file wins
+    assert d.weight() == 0.2
+    d.reload(0.1)  # and reverting the file does not bring the runtime weight back
+    assert d.weight() == 0.1
+
+
+@pytest.mark.parametrize(
+    ("route", "weight", "status", "code"),
+    [
+        ("nope", 0.5, 404, "unknown_route"),
+        ("r", 1.5, 400, "bad_weight"),
+        ("r", -0.1, 400, "bad_weight"),
+        ("r", math.nan, 400, "bad_weight"),
+        ("r", True, 400, "bad_weight"),
+        ("r", "0.5", 400, "bad_weight"),
+        ("r", None, 400, "bad_weight"),
+        ("solo", 0.0001, 409, "no_challenger"),
+    ],
+)
+async def test_refused_weights_change_nothing(
+    route: str, weight: object, status: int, code: str
+) -> None:
+    d = Deployment(0.1)
+    with pytest.raises(SteeringError) as refused:
+        await d.steering.set_weight(route, weight)
+    assert (refused.value.status, refused.value.code) == (status, code)
+    assert d.weight("r") == 0.1 and d.weight("solo") == 0.0
+
+
+async def test_a_route_without_challenger_takes_weight_zero() -> None:
+    d = Deployment()
+    route, _ = await d.steering.set_weight("solo", 0)
+    assert route.weight == 0.0 and route.threshold == 0
+
+
+async def test_runtime_weights_are_stored_and_followed(tmp_path: Path) -> None:
+    store = EmbeddedStore(tmp_path / "state.db")
+    first, second = Deployment(0.1), Deployment(0.1)  # two replicas on one store
+    try:
+        async with first.steering.synced(store), second.steering.synced(store):
+            _, persisted = await first.steering.set_weight("r", 0.4, actor="tester")
+            assert persisted
+            record = await store.get(weight_key("r"))
+            assert record is not None and record["actor"] == "tester"
+            await second.steering.restore()  # its watcher may have been first: either way
+            assert second.weight() == 0.4
+        # A restart with the same file comes back with the stored weight.
+        restarted = Deployment(0.1)
+        async with restarted.steering.synced(store):
+            assert restarted.weight() == 0.4
+        # One with another weight in the file: the file wins, and the record is gone.
+        edited = Deployment(0.2)
+        async with edited.steering.synced(store):
+            assert edited.weight() == 0.2
+            assert await store.get(weight_key("r")) is None
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize(
+    "record",
+    [
+        {"challenger_weight": 2.0, "config_weight": 0.1},
+        {"challenger_weight": "0.4", "config_weight": 0.1},
+        {"config_weight": 0.1},
+    ],
+)
+async def test_stored_records_that_hold_no_weight_are_ignored(
+    tmp_path: Path, record: dict[str, Any]
+) -> None:
+    store = EmbeddedStore(tmp_path / "state.db")
+    try:
+        await store.put(weight_key("r"), record)
+        await store.put(weight_key("solo"), {"challenger_weight": 0.5, "config_weight": 0.0})
+        d = Deployment(0.1)
+        async with d.steering.synced(store):
+            assert d.weight("r") == 0.1 and d.weight("solo") == 0.0
+    finally:
+        await store.close()
+
+
+def test_an_override_without_its_file_value_is_superseded_by_any_file() -> None:
+    legacy = Override.from_record({"challenger_weight": 0.3})
+    assert legacy is not None and legacy.superseded_by(0.0) and legacy.superseded_by(0.3)
+    current = Override.from_record({"challenger_weight": 0.3, "config_weight": 0.1})
+    assert current == Override(0.3, 0.1)
+    assert not current.superseded_by(0.1) and current.superseded_by(0.2)
