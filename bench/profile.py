@@ -135,7 +135,7 @@ def summarize(raw: Path, top: int) -> str:
 
 
 def _function(frame: str) -> str:
-    """'handle (gateway/proxy.py:180)' -> 'handle (gateway/proxy.py)'."""
+    """'handle (gateway/pipeline/proxy.py:80)' -> 'handle (gateway/pipeline/proxy.py)'."""
     name, _, where = frame.partition(" (")
     return f"{name} ({where.rsplit(':', 1)[0]})" if where else name
 
