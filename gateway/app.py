@@ -6,7 +6,8 @@ the two listeners) is a unit that starts on entering a context and stops on leav
 they stop in exactly the reverse order, by construction: the proxy listener drains first
 (the admin listener still answers ``/readyz`` with "draining" meanwhile), then the
 admin listener, the shadow calls, the upstream connections, the last trace window, the
-weights' sync and the store.
+canary controller (its last counts written, its leases given up), the weights' sync and
+the store.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from aiohttp import web
 
 from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
+from gateway.controller import CanaryController
 from gateway.core.usage import usage_of_answer
 from gateway.metrics import Metrics, multiprocess_dir, sync_periodically
 from gateway.pipeline.proxy import Proxy
@@ -57,7 +59,9 @@ class Gateway:
         self.reuse_port = reuse_port
         self.runtime = Runtime.build(config, self.metrics)
         self.steering = Steering(self.metrics)
-        self.steering.adopt(self.runtime.routes)
+        self.steering.adopt(self.runtime)
+        self.controller = CanaryController(self.steering, self.metrics)
+        self.controller.adopt(self.runtime)
         self.shadow_runner: ShadowRunner | None = None
         self.store: StateStore | None = None
         self.tracer: TraceWriter | None = None
@@ -98,7 +102,8 @@ class Gateway:
         runtime = Runtime.build(new_config, self.metrics, old_runtime)
         for name in runtime.removed_since(old_runtime):
             self.metrics.forget_route(name)
-        self.steering.adopt(runtime.routes)
+        self.steering.adopt(runtime)
+        self.controller.adopt(runtime)
         for section in ("server", "admin", "state", "tracing"):
             if getattr(new_config, section) != getattr(old_config, section):
                 log.warning("reload: changes to %r take effect after a restart", section)
@@ -136,6 +141,7 @@ class Gateway:
             )
         )
         await services.enter_async_context(self.steering.synced(self.store))
+        await services.enter_async_context(self.controller.running(self.store))
         self.tracer = await services.enter_async_context(self._tracing())
         # One batch for both sides: a pass's answers and backend requests go out together.
         writes = WriteBatch()

@@ -8,6 +8,7 @@ file without reading a traceback.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 import os
 import re
 from collections.abc import Mapping
@@ -59,8 +60,9 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_http_url(url: str) -> str:
-    """An upstream base URL: scheme, host and optional port and path; nothing else."""
+def _check_http_url(url: str, *, webhook: bool = False) -> str:
+    """An upstream base URL: scheme, host and optional port and path; nothing else. A
+    webhook's URL may carry a query too (tokens often travel there), and is kept as is."""
     try:
         parsed = URL(url)
         port = parsed.port  # yarl checks the port only when asked
@@ -72,11 +74,11 @@ def _check_http_url(url: str) -> str:
         or not parsed.host
         or port is None
         or re.search(r"\s", url)
-        or parsed.query_string
+        or (parsed.query_string and not webhook)
         or parsed.fragment
     ):
         raise ValueError(f"must be an http:// or https:// URL, got {url!r}")
-    return url.rstrip("/")
+    return url if webhook else url.rstrip("/")
 
 
 class ServerConfig(_Strict):
@@ -282,13 +284,98 @@ class ShadowConfig(_Strict):
     report: ShadowReportConfig = ShadowReportConfig()
 
 
+WebhookEvent = Literal["started", "advanced", "rolled_back", "promoted", "paused", "resumed"]
+WEBHOOK_EVENTS: tuple[WebhookEvent, ...] = (
+    "started", "advanced", "rolled_back", "promoted", "paused", "resumed",
+)  # fmt: skip
+
+
+class WebhookConfig(_Strict):
+    url: str
+    # The events it is told about (default: all of them).
+    events: list[WebhookEvent] = list(WEBHOOK_EVENTS)
+    # A gate is also asked before each advance and before an automatic promotion: any
+    # answer but a 2xx (or none within the timeout) keeps the canary holding.
+    gate: bool = False
+    timeout_seconds: PositiveSeconds = 5.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return _check_http_url(value, webhook=True)
+
+
 class CanaryConfig(_Strict):
-    initial_weight: Probability = 0.05
-    step_size: Annotated[float, Field(gt=0.0, le=1.0)] = 0.1
+    """How the canary controller ramps a route's challenger (see gateway.core.canary)."""
+
+    # Either the challenger weights in order, or the shorthand that expands to them.
+    steps: list[float] | None = None
+    initial_weight: Probability | None = None
+    step_size: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    max_weight: Probability | None = None
     step_interval_seconds: PositiveSeconds = 60.0
-    max_weight: Probability = 0.5
-    success_threshold: Probability = 0.99
+    evaluation_interval_seconds: PositiveSeconds = 5.0
     min_requests: Annotated[int, Field(ge=1)] = 200
+    max_error_rate_increase: Probability = 0.01
+    success_threshold: Probability = 0.99
+    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    max_latency_ratio: Annotated[float, Field(gt=0.0)] | None = None
+    latency_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
+    min_shadow_agreement: Probability | None = None
+    # Default: 10 x step_interval_seconds.
+    max_step_seconds: PositiveSeconds | None = None
+    on_inconclusive: Literal["hold", "rollback"] = "hold"
+    auto_promote: bool = False
+    webhooks: list[WebhookConfig] = []
+    # One replica leads each route's canary: it holds a lease in the state store this
+    # long, renewed at a third of it; another replica takes over once it runs out.
+    leader_lease_seconds: Annotated[float, Field(ge=1.0, le=600.0)] = 10.0
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, value: list[float] | None) -> list[float] | None:
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("must list at least one weight, got an empty list")
+        for weight in value:
+            if not 0 < weight <= 1:
+                raise ValueError(f"every step must be a weight in (0, 1], got {weight}")
+        for before, after in itertools.pairwise(value):
+            if after <= before:
+                raise ValueError(f"steps must increase, got {after} after {before}")
+        return value
+
+    @model_validator(mode="after")
+    def _steps_or_shorthand(self) -> CanaryConfig:
+        shorthand = (self.initial_weight, self.step_size, self.max_weight)
+        if self.steps is not None and any(v is not None for v in shorthand):
+            raise ValueError(
+                "steps: give either steps or initial_weight/step_size/max_weight, not both"
+            )
+        initial, maximum = self.resolved_steps[0], self.resolved_steps[-1]
+        if initial <= 0 or maximum < initial:
+            raise ValueError(
+                f"max_weight: must be at least initial_weight ({initial}) and above 0, "
+                f"got {maximum}"
+            )
+        return self
+
+    @property
+    def resolved_steps(self) -> tuple[float, ...]:
+        """The weights the canary walks through, in order."""
+        if self.steps is not None:
+            return tuple(self.steps)
+        initial = 0.05 if self.initial_weight is None else self.initial_weight
+        size = 0.1 if self.step_size is None else self.step_size
+        maximum = 0.5 if self.max_weight is None else self.max_weight
+        steps = [initial]
+        # Rounded so that 0.05 + 0.1 steps read 0.15, 0.25, ..., not 0.15000000000000002.
+        while round(steps[-1] + size, 9) < maximum:
+            steps.append(round(steps[-1] + size, 9))
+        if steps[-1] < maximum:
+            steps.append(maximum)
+        return tuple(steps)
 
 
 class RouteConfig(_Strict):
@@ -350,6 +437,13 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
             if backend is not None and backend not in config.backends:
                 problems.append(
                     f"{where}.{field}: unknown backend {backend!r} (known: {', '.join(known)})"
+                )
+        if route.canary is not None:
+            if route.challenger is None:
+                problems.append(f"{where}.canary: needs a challenger to ramp up, got none")
+            if route.canary.min_shadow_agreement is not None and route.shadow is None:
+                problems.append(
+                    f"{where}.canary.min_shadow_agreement: needs the route's shadow section"
                 )
         if route.challenger is not None and route.challenger == route.champion:
             problems.append(

@@ -102,6 +102,19 @@ class Metrics:
             ["route", "decision"],
             registry=r,
         )
+        self.canary_step = Gauge(
+            "gateway_canary_step",
+            "Index of the canary's current step, -1 when idle.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livemostrecent",
+        )
+        self.canary_webhook_calls = Counter(
+            "gateway_canary_webhook_calls_total",
+            "Canary webhook calls, by event and outcome (ok, refused, error, timeout).",
+            ["route", "event", "outcome"],
+            registry=r,
+        )
         self.trace_writes = Counter(
             "gateway_trace_writes_total",
             "Trace window writes to Redis, by outcome.",
@@ -113,7 +126,8 @@ class Metrics:
         self._by_route: tuple[Counter | Gauge | Histogram, ...] = (
             self.requests, self.duration, self.in_flight, self.upstream_errors,
             self.shadow_requests, self.shadow_latency_delta, self.challenger_weight,
-            self.canary_state, self.canary_decisions,
+            self.canary_state, self.canary_decisions, self.canary_step,
+            self.canary_webhook_calls,
         )  # fmt: skip
         # One record per (route, variant) while the route exists: a reload builds new
         # routes while requests on the old ones finish, and both count into it.
@@ -196,7 +210,9 @@ class RouteMetrics:
         "_in_flight_child",
         "_metrics",
         "_seconds",
+        "_synced",
         "_synced_in_flight",
+        "cut_off",
         "in_flight",
         "route",
         "variant",
@@ -207,11 +223,16 @@ class RouteMetrics:
         self.route = route
         self.variant = variant
         self.in_flight = 0  # the proxy adds and subtracts directly: no call per request
+        # Counts since the gateway started (never reset: both the Prometheus sync and the
+        # canary's counting take what is new since they last looked).
         self._codes: dict[_Label, int] = {}  # by status code, but for 200 (see count)
-        self._errors: dict[_Label, int] = {}  # by reason
+        self._errors: dict[_Label, int] = {}  # by reason, since the last sync
         # Observations per latency bucket, the last one past the largest bound (+Inf).
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._seconds = 0.0
+        self.cut_off = 0  # answers the upstream broke off mid-stream (the client saw it)
+        # What the last sync had moved into Prometheus: (codes, buckets, seconds).
+        self._synced: tuple[dict[_Label, int], list[int], float] = ({}, list(self._buckets), 0.0)
         self._duration = metrics.duration.labels(route, variant)
         check_histogram_layout(self._duration, LATENCY_BUCKETS)
         self._in_flight_child = metrics.in_flight.labels(route, variant)
@@ -236,18 +257,27 @@ class RouteMetrics:
         errors = self._errors
         errors[reason] = errors.get(reason, 0) + 1
 
+    def totals(self) -> tuple[int, int, tuple[int, ...]]:
+        """Since the gateway started: answers, failures (5xx, gateway-made or not, and
+        answers cut off) and answers per latency bucket."""
+        failures = sum(n for code, n in self._codes.items() if int(code) >= 500)
+        buckets = tuple(self._buckets)
+        return sum(buckets), failures + self.cut_off, buckets
+
     def sync(self) -> None:
         """Add what was counted since the last sync to the Prometheus metrics."""
-        answered = sum(self._buckets)
+        synced_codes, synced_buckets, synced_seconds = self._synced
+        buckets = [now - then for now, then in zip(self._buckets, synced_buckets, strict=True)]
+        answered = sum(buckets)
         if answered:
-            codes, self._codes = self._codes, {}
+            codes = {c: n - synced_codes.get(c, 0) for c, n in self._codes.items()}
+            codes = {c: n for c, n in codes.items() if n}
             ok = answered - sum(codes.values())
             if ok:
                 codes[200] = ok
             self._add_to_counter(self._metrics.requests, self._code_children, codes)
-            buckets, self._buckets = self._buckets, [0] * len(self._buckets)
-            seconds, self._seconds = self._seconds, 0.0
-            add_to_histogram(self._duration, buckets, seconds)
+            add_to_histogram(self._duration, buckets, self._seconds - synced_seconds)
+            self._synced = (dict(self._codes), list(self._buckets), self._seconds)
         if self._errors:
             errors, self._errors = self._errors, {}
             self._add_to_counter(self._metrics.upstream_errors, self._error_children, errors)

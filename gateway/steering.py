@@ -1,21 +1,26 @@
-"""The one owner of each route's live state: its challenger weight, and from it the split
-threshold the proxy reads.
+"""The one owner of each route's live state: its challenger weight (and from it the split
+threshold the proxy reads), and which backend plays champion and which challenger.
 
 Whatever changes a route at runtime changes it through ``Steering``: the config file (at
-start and on every reload), the admin API, and the state store (a change that another
-replica or worker made). The rules are written here once:
+start and on every reload), the admin API, the canary controller, and the state store (a
+change that another replica or worker made). The rules are written here once:
 
 - a weight is valid as ``gateway.core.split.weight_problem`` says (the config's own
   validation uses the same function);
 - **the file wins when it changes**: a weight set at runtime is kept together with the
-  file's value it overrode, and applies only while the file still says that value. Edit
-  the weight in the file and reload (or restart), and the file's value takes over; the
-  runtime value is forgotten for good, so reverting the file later does not bring it
-  back.
+  file's value it overrode, and applies only while the file still says that value. A
+  promotion (the challenger made champion) is kept with the file's champion and
+  challenger in the same way. Edit the file and reload (or restart), and the file takes
+  over; the runtime value is forgotten for good, so reverting the file later does not
+  bring it back;
+- while a canary drives a route's weight, nobody else may change it (409
+  ``canary_active``): the controller holds the route's lock.
 
-Runtime weights are stored in the state store under ``routes/{name}/weight`` as
-``{"challenger_weight", "config_weight", "updated_at", "actor"}``, so a restart keeps
-them and every replica follows them (within a second: the store's revision is polled).
+Runtime state is kept in the state store, so that a restart keeps it and every replica
+follows it within a second (the store's revision is polled):
+``routes/{name}/weight`` ``{"challenger_weight", "config_weight", "updated_at", "actor"}``
+and ``routes/{name}/promotion`` ``{"champion", "previous", "config_champion",
+"config_challenger", "updated_at", "actor"}``.
 """
 
 from __future__ import annotations
@@ -31,8 +36,9 @@ from typing import Any
 
 from gateway.core.split import threshold, weight_problem
 from gateway.metrics import Metrics
-from gateway.runtime import RouteRuntime
+from gateway.runtime import RouteRuntime, Runtime
 from gateway.store import StateStore, StoreError, watch_revisions
+from gateway.upstream import BackendPool
 
 log = logging.getLogger("gateway.steering")
 
@@ -41,6 +47,10 @@ PREFIX = "routes/"
 
 def weight_key(route: str) -> str:
     return f"{PREFIX}{route}/weight"
+
+
+def promotion_key(route: str) -> str:
+    return f"{PREFIX}{route}/promotion"
 
 
 class SteeringError(Exception):
@@ -89,44 +99,103 @@ class Override:
         return cls(float(weight), float(config_weight))
 
 
+@dataclass(frozen=True, slots=True)
+class Promotion:
+    """A challenger made champion at runtime, with the file's pair it overrode."""
+
+    champion: str  # the backend that now takes all traffic
+    previous: str  # the champion it replaced: a rollback brings it back
+    config_champion: str
+    config_challenger: str | None
+
+    def superseded_by(self, route: RouteRuntime) -> bool:
+        config = route.config
+        return (config.champion, config.challenger) != (
+            self.config_champion,
+            self.config_challenger,
+        )
+
+    def record(self, actor: str) -> dict[str, Any]:
+        return {
+            "champion": self.champion,
+            "previous": self.previous,
+            "config_champion": self.config_champion,
+            "config_challenger": self.config_challenger,
+            "updated_at": time.time(),
+            "actor": actor,
+        }
+
+    @classmethod
+    def from_record(cls, value: Mapping[str, Any]) -> Promotion | None:
+        fields = [value.get(k) for k in ("champion", "previous", "config_champion")]
+        challenger = value.get("config_challenger")
+        if not all(isinstance(f, str) for f in fields) or not isinstance(challenger, str | None):
+            return None
+        champion, previous, config_champion = (str(f) for f in fields)
+        return cls(champion, previous, config_champion, challenger)
+
+
 class Steering:
-    """Live weights of the current routes; see the module's docstring for the rules."""
+    """Live state of the current routes; see the module's docstring for the rules."""
 
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._routes: dict[str, RouteRuntime] = {}
+        self._pools: Mapping[str, BackendPool] = {}
         self._overrides: dict[str, Override] = {}
+        self._promotions: dict[str, Promotion] = {}
+        self._locks: dict[str, str] = {}  # route -> the actor that alone may set its weight
         self._store: StateStore | None = None
 
     @property
     def routes(self) -> Mapping[str, RouteRuntime]:
         return self._routes
 
-    def adopt(self, routes: Mapping[str, RouteRuntime]) -> None:
+    def promotion(self, name: str) -> Promotion | None:
+        return self._promotions.get(name)
+
+    def adopt(self, runtime: Runtime) -> None:
         """Take over the routes of a config just loaded (at start, or by a reload): each
-        gets its runtime weight where the file left the value it overrode, the file's
-        weight otherwise."""
-        self._routes = dict(routes)
-        for name in [n for n in self._overrides if n not in routes]:
-            del self._overrides[name]
-        for name, route in routes.items():
+        keeps the runtime state the file has not overruled since, and takes the file's
+        otherwise."""
+        self._routes, self._pools = dict(runtime.routes), runtime.pools
+        for kept in (self._overrides, self._promotions, self._locks):
+            for name in [n for n in kept if n not in self._routes]:
+                del kept[name]
+        for name, route in self._routes.items():
+            promotion = self._promotions.get(name)
+            if promotion is not None and promotion.superseded_by(route):
+                del self._promotions[name]
+                promotion = None
+                log.info("route %s: the file's champion or challenger changed, it wins", name)
+            self._apply_backends(route, promotion)
             override = self._overrides.get(name)
             if override is not None and not override.applies_to(route):
                 del self._overrides[name]
                 override = None
                 log.info("route %s: the file's weight changed, it wins", name)
-            self._apply(
-                route, override.weight if override else route.config.split.challenger_weight
-            )
+            self._apply(route, override.weight if override else self._file_weight(route))
+
+    # --- changes ------------------------------------------------------------------------
+
+    def lock(self, name: str, owner: str) -> None:
+        """Only ``owner`` may set the route's weight until ``unlock``."""
+        self._locks[name] = owner
+
+    def unlock(self, name: str) -> None:
+        self._locks.pop(name, None)
 
     async def set_weight(
         self, name: str, weight: object, *, actor: str = "admin"
     ) -> tuple[RouteRuntime, bool]:
         """Apply a weight at once, then store it; returns the route and whether the store
         took it. Applied either way: a rollback must work while the store is down."""
-        route = self._routes.get(name)
-        if route is None:
-            raise SteeringError(404, "unknown_route", f"no route named {name!r}")
+        route = self._route(name)
+        owner = self._locks.get(name)
+        if owner is not None and owner != actor:
+            raise SteeringError(
+                409, f"{owner}_active", f"route {name!r} is driven by its {owner}: pause it first"
+            )
         problem = weight_problem(weight)
         if problem is not None:
             raise SteeringError(400, "bad_weight", f"challenger_weight {problem}")
@@ -137,18 +206,80 @@ class Steering:
         self._overrides[name] = override
         self._apply(route, override.weight)
         log.info("route %s: challenger weight set to %g by %s", name, override.weight, actor)
-        return route, await self._save(name, override, actor)
+        return route, await self._put(name, weight_key(name), override.record(actor))
+
+    async def promote(self, name: str, *, actor: str) -> bool:
+        """Make the route's challenger its champion for all traffic; returns whether the
+        store took it. The former champion is remembered for ``demote``."""
+        route = self._route(name)
+        challenger = route.challenger
+        if challenger is None:
+            raise SteeringError(409, "no_challenger", f"route {name!r} has no challenger")
+        promotion = Promotion(
+            challenger.name, route.champion.name, route.config.champion, route.config.challenger
+        )
+        self._promotions[name] = promotion
+        self._apply_backends(route, promotion)
+        self._overrides.pop(name, None)
+        self._apply(route, 0.0)
+        log.info("route %s: %s promoted to champion by %s", name, challenger.name, actor)
+        return await self._put(name, promotion_key(name), promotion.record(actor))
+
+    async def demote(self, name: str, *, actor: str) -> bool:
+        """Undo a promotion: the former champion serves all traffic again and the
+        promoted backend is the challenger at weight 0. Returns whether the store took it."""
+        route = self._route(name)
+        if self._promotions.pop(name, None) is None:
+            raise SteeringError(409, "not_promoted", f"route {name!r} has no promotion to undo")
+        self._apply_backends(route, None)
+        self._overrides[name] = Override(0.0, route.config.split.challenger_weight)
+        self._apply(route, 0.0)
+        log.info("route %s: promotion undone by %s", name, actor)
+        # A record that says "undone", not a deleted one: a replica that finds no record
+        # keeps what it has (it may have promoted while the store was down).
+        undone = {"undone": True, "updated_at": time.time(), "actor": actor}
+        stored = await self._put(name, promotion_key(name), undone)
+        return stored and await self._put(
+            name, weight_key(name), self._overrides[name].record(actor)
+        )
+
+    def _route(self, name: str) -> RouteRuntime:
+        route = self._routes.get(name)
+        if route is None:
+            raise SteeringError(404, "unknown_route", f"no route named {name!r}")
+        return route
+
+    def _file_weight(self, route: RouteRuntime) -> float:
+        return route.config.split.challenger_weight if route.has_challenger else 0.0
 
     def _apply(self, route: RouteRuntime, weight: float) -> None:
         route.weight = weight
         route.threshold = threshold(weight)
         self._metrics.challenger_weight.labels(route.name).set(weight)
 
+    def _apply_backends(self, route: RouteRuntime, promotion: Promotion | None) -> None:
+        """Point the route's lanes at the pools that play champion and challenger now.
+        In-flight requests finish where they started: they hold their pool already."""
+        config = route.config
+        if promotion is not None:
+            champion, challenger = self._pools[promotion.champion], None
+        else:
+            champion = self._pools[config.champion]
+            challenger = self._pools[config.challenger] if config.challenger else None
+        for lane, pool in (
+            (route.champion_lane, champion),
+            (route.challenger_lane, challenger or champion),
+        ):
+            if lane.pool is not pool:
+                lane.pool = pool
+                lane.trace = None  # the new pool's model: resolved at the next request
+        route.has_challenger = challenger is not None
+
     # --- the state store ------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
     async def synced(self, store: StateStore) -> AsyncIterator[None]:
-        """Keep runtime weights in ``store`` and follow its changes while in the block."""
+        """Keep runtime state in ``store`` and follow its changes while in the block."""
         self._store = store
         try:
             await self.restore()
@@ -163,41 +294,68 @@ class Steering:
             await asyncio.gather(follower, return_exceptions=True)
             self._store = None
 
-    async def _save(self, name: str, override: Override, actor: str) -> bool:
+    async def _put(self, name: str, key: str, record: dict[str, Any]) -> bool:
         if self._store is None:
             return False
         try:
-            await self._store.put(weight_key(name), override.record(actor))
+            await self._store.put(key, record)
         except StoreError as error:
-            log.warning("route %s: weight not persisted: %s", name, error)
+            log.warning("route %s: change not persisted: %s", name, error)
             return False
         return True
 
     async def restore(self) -> int:
-        """Apply the stored weights; returns how many routes changed. Records the file has
+        """Apply the stored state; returns how many routes changed. Records the file has
         overruled since are deleted, so a later revert of the file cannot revive them."""
         if self._store is None:
             return 0
-        changed = 0
-        for entry in await self._store.scan_prefix(PREFIX):
-            name = entry.key[len(PREFIX) :].removesuffix("/weight")
+        entries = await self._store.scan_prefix(PREFIX)
+        records: dict[str, dict[str, Mapping[str, Any]]] = {}
+        for entry in entries:
+            name, _, kind = entry.key[len(PREFIX) :].rpartition("/")
+            records.setdefault(kind, {})[name] = entry.value
+        changed: set[str] = set()
+        # Promotions first: whether a route has a challenger decides which weights fit.
+        for name, value in records.get("promotion", {}).items():
             route = self._routes.get(name)
-            override = Override.from_record(entry.value)
+            if route is None:
+                continue  # another config's route
+            if value.get("undone"):
+                if self._promotions.pop(name, None) is not None:
+                    self._apply_backends(route, None)
+                    changed.add(name)
+                continue
+            promotion = Promotion.from_record(value)
+            if promotion is None:
+                continue  # not a record this gateway wrote
+            if promotion.superseded_by(route):
+                await self._store.delete(promotion_key(name))
+                continue
+            if self._promotions.get(name) != promotion and promotion.champion in self._pools:
+                self._promotions[name] = promotion
+                self._apply_backends(route, promotion)
+                changed.add(name)
+        for name, value in records.get("weight", {}).items():
+            route, override = self._routes.get(name), Override.from_record(value)
             if route is None or override is None:
-                continue  # another config's route, or not a record this gateway wrote
+                continue
             if override.superseded_by(route.config.split.challenger_weight):
-                await self._store.delete(entry.key)
+                await self._store.delete(weight_key(name))
                 continue
             if not override.applies_to(route):
                 continue
             self._overrides[name] = override
             if override.weight != route.weight:
                 self._apply(route, override.weight)
-                changed += 1
+                changed.add(name)
                 log.info(
                     "route %s: challenger weight %g from the state store", name, override.weight
                 )
-        return changed
+        for name in changed:
+            route = self._routes[name]
+            if weight_problem(route.weight, route.has_challenger) is not None:
+                self._apply(route, 0.0)  # a promotion took the challenger away
+        return len(changed)
 
     async def _follow(self) -> None:
         assert self._store is not None
@@ -205,4 +363,4 @@ class Steering:
             try:
                 await self.restore()
             except StoreError as error:
-                log.warning("cannot read weights from the state store: %s", error)
+                log.warning("cannot read runtime state from the state store: %s", error)

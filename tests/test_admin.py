@@ -54,13 +54,13 @@ async def start_two_variant_gateway(
                 "champion": "model-v1",
                 "challenger": "model-v2",
                 "split": {"challenger_weight": weight, "salt": SALT},
+                "canary": {"initial_weight": 0.05, "max_weight": 0.4},
             },
             {
                 "name": "solo",
                 "match": {"path_prefix": "/v1/models/solo"},
                 "champion": "model-v3",
                 "shadow": {"target": "model-v1", "sample_rate": 0.5},
-                "canary": {"initial_weight": 0.05, "max_weight": 0.4},
             },
         ],
         admin={"token": token},
@@ -299,6 +299,7 @@ MODEL_VIEW = {
         "allow_override": False,
         "challenger_buckets": 2500,
     },
+    "canary": {"state": "idle"},
 }
 SOLO_VIEW = {
     "name": "solo",
@@ -307,7 +308,7 @@ SOLO_VIEW = {
     "challenger": None,
     "challenger_weight": 0.0,
     "shadow": {"target": "model-v1", "sample_rate": 0.5},
-    "canary": {"state": "idle"},
+    "canary": None,
 }
 
 

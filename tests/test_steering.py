@@ -41,7 +41,7 @@ class Deployment:
         self.metrics = Metrics()
         self.steering = Steering(self.metrics)
         self.runtime = Runtime.build(self.config(weight), self.metrics)
-        self.steering.adopt(self.runtime.routes)
+        self.steering.adopt(self.runtime)
 
     @staticmethod
     def config(weight: float) -> config_module.GatewayConfig:
@@ -49,7 +49,7 @@ class Deployment:
 
     def reload(self, weight: float) -> None:
         self.runtime = Runtime.build(self.config(weight), self.metrics, self.runtime)
-        self.steering.adopt(self.runtime.routes)
+        self.steering.adopt(self.runtime)
 
     def weight(self, route: str = "r") -> float:
         live = self.runtime.routes[route]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import health, reload, routes, traces
+from gateway.admin import canary, health, reload, routes, traces
 from gateway.admin.common import TARGET, AdminTarget, auth_middleware, json_errors
 
 __all__ = ["AdminTarget", "build_admin_app"]
@@ -20,6 +20,8 @@ def build_admin_app(target: AdminTarget, token: str) -> web.Application:
     app.router.add_get("/api/v1/routes/{name}", routes.get_route)
     app.router.add_get("/api/v1/routes/{name}/shadow", routes.get_shadow)
     app.router.add_put("/api/v1/routes/{name}/weight", routes.put_weight)
+    app.router.add_get("/api/v1/routes/{name}/canary", canary.get_canary)
+    app.router.add_post("/api/v1/routes/{name}/canary/{command}", canary.post_command)
     app.router.add_get("/api/v1/traces", traces.list_traces)
     app.router.add_get("/api/v1/traces/{model}", traces.get_traces)
     app.router.add_post("/api/v1/reload", reload.reload)

@@ -11,6 +11,7 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.controller import CanaryController
 from gateway.metrics import Metrics
 from gateway.runtime import RouteRuntime
 from gateway.shadow import ShadowRunner
@@ -26,6 +27,9 @@ class AdminTarget(Protocol):
 
     @property
     def steering(self) -> Steering: ...
+
+    @property
+    def controller(self) -> CanaryController: ...
 
     @property
     def metrics(self) -> Metrics: ...

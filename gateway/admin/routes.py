@@ -9,11 +9,12 @@ import orjson
 from aiohttp import web
 
 from gateway.admin.common import TARGET, json_error, json_response, settle_shadows
+from gateway.core.canary import Status
 from gateway.runtime import RouteRuntime
 from gateway.steering import SteeringError
 
 
-def route_view(route: RouteRuntime) -> dict[str, Any]:
+def route_view(route: RouteRuntime, canary: Status | None = None) -> dict[str, Any]:
     config = route.config
     match = config.match
     return {
@@ -29,9 +30,17 @@ def route_view(route: RouteRuntime) -> dict[str, Any]:
             "challenger_buckets": route.threshold,
         },
         "shadow": _shadow_summary(route),
-        "canary": {"state": "idle", "config": config.canary.model_dump()}
-        if config.canary
-        else None,
+        "canary": _canary_summary(canary) if config.canary else None,
+    }
+
+
+def _canary_summary(status: Status | None) -> dict[str, Any]:
+    status = status or Status()
+    return {
+        "state": status.state.value,
+        "step": status.step,
+        "weight": status.weight,
+        "reason": status.reason,
     }
 
 
@@ -70,7 +79,9 @@ async def list_routes(request: web.Request) -> web.Response:
     target = request.app[TARGET]
     return json_response(
         {
-            "routes": [route_view(r) for r in target.routes.values()],
+            "routes": [
+                route_view(r, target.controller.status(r.name)) for r in target.routes.values()
+            ],
             "state": await target.state_health(),
         }
     )
@@ -81,7 +92,9 @@ async def get_route(request: web.Request) -> web.Response:
     found = _route_or_404(request)
     if isinstance(found, web.Response):
         return found
-    return json_response({**route_view(found), "state": await request.app[TARGET].state_health()})
+    target = request.app[TARGET]
+    view = route_view(found, target.controller.status(found.name))
+    return json_response({**view, "state": await target.state_health()})
 
 
 async def get_shadow(request: web.Request) -> web.Response:
@@ -113,4 +126,5 @@ async def put_weight(request: web.Request) -> web.Response:
         )
     except SteeringError as error:
         return json_error(error.status, error.code, str(error))
-    return json_response({**route_view(route), "persisted": persisted})
+    view = route_view(route, request.app[TARGET].controller.status(route.name))
+    return json_response({**view, "persisted": persisted})

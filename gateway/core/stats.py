@@ -459,6 +459,9 @@ class ShadowStats:
         self.mismatches = MismatchRing(
             s.last_mismatches, s.max_value_chars, s.max_fields_per_mismatch
         )
+        # Champion-vs-champion comparisons that disagreed anywhere: the noise a canary's
+        # shadow gate subtracts.
+        self.noise_mismatches = 0
 
     def record(
         self, request_id: str, comparison: Comparison, latency_delta: float | None = None
@@ -475,6 +478,7 @@ class ShadowStats:
 
     def record_noise(self, comparison: Comparison) -> None:
         self.baseline.observe_noise(comparison)
+        self.noise_mismatches += comparison.outcome is Outcome.MISMATCH
 
     def record_failure(self, outcome: ShadowOutcome) -> None:
         """A sample that produced no comparison (error, timeout, dropped)."""

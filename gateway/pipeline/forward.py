@@ -323,10 +323,12 @@ class Forwarder:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
             metrics.upstream_error("timeout")
+            metrics.cut_off += 1
             _abort(request)
             upstream.close()
         except UpstreamError:
             metrics.upstream_error("stream_reset")
+            metrics.cut_off += 1
             _abort(request)
             upstream.close()
         except ConnectionResetError:
