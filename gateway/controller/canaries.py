@@ -71,8 +71,9 @@ def lease_key(route: str) -> str:
     return f"canary/{route}/lease"
 
 
-def policy_of(config: CanaryConfig, route: RouteRuntime) -> Policy:
-    shadow = route.shadow
+def policy_of(config: CanaryConfig, *, shadow_noise: bool = False) -> Policy:
+    """The decision rule's settings from a route's ``canary:`` block; ``shadow_noise``:
+    whether the route's shadow also samples the champion against itself."""
     return Policy(
         steps=config.resolved_steps,
         step_interval_seconds=config.step_interval_seconds,
@@ -84,7 +85,7 @@ def policy_of(config: CanaryConfig, route: RouteRuntime) -> Policy:
         latency_quantile=config.latency_quantile,
         latency_bounds=LATENCY_BUCKETS,
         min_shadow_agreement=config.min_shadow_agreement,
-        shadow_noise=shadow is not None and shadow.config.baseline.sample_rate > 0,
+        shadow_noise=shadow_noise,
         max_step_seconds=config.max_step_seconds,
         on_inconclusive=config.on_inconclusive,
         auto_promote=config.auto_promote,
@@ -151,12 +152,14 @@ class CanaryController:
             config = route.config.canary
             if config is None:
                 continue
+            noise = route.shadow is not None and route.shadow.config.baseline.sample_rate > 0
+            policy = policy_of(config, shadow_noise=noise)
             kept = self._canaries.get(name)
             if kept is None:
-                canaries[name] = _Canary(route, config, policy_of(config, route))
+                canaries[name] = _Canary(route, config, policy)
                 continue
             changed = kept.route.config.challenger != route.config.challenger
-            kept.route, kept.config, kept.policy = route, config, policy_of(config, route)
+            kept.route, kept.config, kept.policy = route, config, policy
             kept.challenger_changed = kept.challenger_changed or changed
             canaries[name] = kept
         for name, gone in self._canaries.items():
