@@ -468,6 +468,7 @@ class CanaryController:
             if status.state in core.ACTIVE
             else None,
             "leader": lease.value.get("holder") if lease is not None else None,
+            "process": self.process_id,  # the process answering: is it the leader?
             "next_evaluation_in": max(0.0, canary.next_evaluation - now) if canary.leader else None,
             "counts": {
                 "step": _variant_views(evidence.step_champion, evidence.step_challenger, alpha),

@@ -1,0 +1,481 @@
+"""The canary end to end: real model servers on loopback, real gateways, the admin API and
+/metrics as an operator sees them, Redis for the replicas. Canaries here are fast (steps
+of half a second, evaluations every 0.1 s); the decision rule is the default one."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import random
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import yaml
+from aiohttp import web
+
+from gateway.app import Gateway
+from tests.conftest import StartApp, StartGateway
+from tests.e2e_support import eventually
+from tests.helpers.ports import free_port
+from tests.redis_fixtures import RedisServer, private_redis  # noqa: F401  (fixture)
+from tests.shadow_support import Scrape, scrape
+from tests.support import admin_url, gateway_document, proxy_url
+
+pytestmark = pytest.mark.timeout(60)
+
+FAST = {
+    "steps": [0.3, 0.6],
+    "step_interval_seconds": 0.5,
+    "evaluation_interval_seconds": 0.1,
+    "min_requests": 10,
+    "leader_lease_seconds": 1.0,
+}
+
+
+def model_app(
+    name: str, *, fail_rate: float = 0.0, delay: float = 0.0, seed: int = 0
+) -> web.Application:
+    """A model server answering ``{"backend": name}``; ``fail_rate`` of its answers are
+    500s, each after ``delay`` seconds."""
+    rng = random.Random(seed)
+
+    async def handle(request: web.Request) -> web.Response:
+        await request.read()
+        if delay:
+            await asyncio.sleep(delay)
+        if rng.random() < fail_rate:
+            return web.json_response({"error": "model crashed"}, status=500)
+        return web.json_response({"backend": name, "path": request.path})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handle)
+    return app
+
+
+def canary_document(
+    champion: str, challenger: str, canary: dict[str, Any] | None = None, **route: Any
+) -> dict[str, Any]:
+    return gateway_document(
+        {"v1": {"url": champion}, "v2": {"url": challenger}},
+        [
+            {
+                "name": "m",
+                "match": {"path_prefix": "/m"},
+                "champion": "v1",
+                "challenger": "v2",
+                "canary": {**FAST, **(canary or {})},
+                **route,
+            }
+        ],
+        tracing={"enabled": False},
+    )
+
+
+@contextlib.asynccontextmanager
+async def traffic(
+    http: aiohttp.ClientSession, *gateways: Gateway | str, path: str = "/m/predict"
+) -> AsyncIterator[list[int]]:
+    """Requests with distinct IDs, round robin over ``gateways`` (or their base URLs),
+    until the block ends; yields the statuses the clients got."""
+    statuses: list[int] = []
+    numbers = itertools.count()
+    urls = [g + path if isinstance(g, str) else proxy_url(g, path) for g in gateways]
+
+    async def client() -> None:
+        while True:
+            n = next(numbers)
+            url = urls[n % len(urls)]
+            try:
+                async with http.post(url, data=b"{}", headers={"X-Request-ID": f"t-{n}"}) as r:
+                    await r.read()
+                    statuses.append(r.status)
+            except aiohttp.ClientError:
+                statuses.append(0)  # a gateway that was killed under the load
+            await asyncio.sleep(0.002)
+
+    tasks = [asyncio.create_task(client()) for _ in range(4)]
+    try:
+        yield statuses
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _admin(gateway: Gateway | str, path: str) -> str:
+    return gateway + path if isinstance(gateway, str) else admin_url(gateway, path)
+
+
+async def canary(http: aiohttp.ClientSession, gateway: Gateway | str, route: str = "m") -> Any:
+    async with http.get(_admin(gateway, f"/api/v1/routes/{route}/canary")) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def command(
+    http: aiohttp.ClientSession, gateway: Gateway | str, verb: str, route: str = "m"
+) -> tuple[int, Any]:
+    async with http.post(_admin(gateway, f"/api/v1/routes/{route}/canary/{verb}")) as r:
+        return r.status, await r.json()
+
+
+async def reaches(
+    http: aiohttp.ClientSession, gateway: Gateway | str, *states: str, within: float = 20
+) -> Any:
+    async def check() -> Any:
+        view = await canary(http, gateway)
+        return view if view["state"] in states else None
+
+    return await eventually(check, within=within, what=f"the canary to be {' or '.join(states)}")
+
+
+def decisions(metrics: Scrape, route: str = "m") -> dict[str, int]:
+    return {
+        labels["decision"]: int(value)
+        for labels, value in metrics.matching("gateway_canary_decisions_total", route=route)
+    }
+
+
+async def test_a_healthy_challenger_walks_every_step_and_is_promoted(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    gateway = await start_gateway(canary_document(v1, v2))
+    assert (await canary(http, gateway))["state"] == "idle"
+    status, view = await command(http, gateway, "start")
+    assert status == 200 and view["state"] == "progressing" and view["weight"] == 0.3
+    assert gateway.routes["m"].weight == 0.3  # applied at once
+    async with traffic(http, gateway) as statuses:
+        done = await reaches(http, gateway, "awaiting_promotion", "rolled_back")
+    assert done["state"] == "awaiting_promotion", done["last_decision"]
+    assert done["weight"] == 0.6 and done["step"] == 1
+    assert set(statuses) == {200}
+    step = done["counts"]["step"]
+    assert step["champion"]["requests"] >= 10 and step["challenger"]["requests"] >= 10
+    assert [h["action"] for h in done["history"] if h["action"] != "hold"] == [
+        "start", "advance", "advance",
+    ]  # fmt: skip
+
+    status, promoted = await command(http, gateway, "promote")
+    assert status == 200 and promoted["state"] == "promoted"
+    async with http.get(admin_url(gateway, "/api/v1/routes/m")) as response:
+        route = await response.json()
+    assert route["champion"] == "v2" and route["challenger"] is None
+    assert route["challenger_weight"] == 0.0
+    async with http.post(proxy_url(gateway, "/m/x"), data=b"{}") as response:
+        assert (await response.json())["backend"] == "v2"
+    # A promoted canary is an end state; promoting again is refused with a JSON error.
+    status, refused = await command(http, gateway, "promote")
+    assert status == 409 and refused["error"]["code"] == "canary_state"
+    # Rollback after a promotion brings the former champion back.
+    status, back = await command(http, gateway, "rollback")
+    assert status == 200 and back["state"] == "rolled_back"
+    async with http.post(proxy_url(gateway, "/m/x"), data=b"{}") as response:
+        assert (await response.json())["backend"] == "v1"
+    counted = decisions(await scrape(http, gateway))
+    assert counted["start"] == 1 and counted["advance"] == 2
+    assert counted["promote"] == 1 and counted["rollback"] == 1
+
+
+async def test_a_failing_challenger_is_rolled_back_with_its_evidence(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1 = await start_app(model_app("v1"))
+    v2 = await start_app(model_app("v2", fail_rate=0.5))
+    gateway = await start_gateway(canary_document(v1, v2))
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+        done = await reaches(http, gateway, "rolled_back", "awaiting_promotion")
+    assert done["state"] == "rolled_back" and done["weight"] == 0.0
+    decision = done["last_decision"]
+    assert decision["action"] == "rollback"
+    assert decision["reason"] in ("error_rate_increase", "below_success_threshold")
+    failed = [c for c in decision["checks"] if c["verdict"] == "fail"]
+    assert failed and failed[0]["bound"] is not None and "challenger" in failed[0]["detail"]
+    evidence = decision["evidence"]["canary"]
+    assert evidence["challenger"]["failures"] > 0 and evidence["champion"]["failures"] == 0
+    assert gateway.routes["m"].weight == 0.0
+    assert decisions(await scrape(http, gateway)).get("rollback") == 1
+    # The weight is the operator's again.
+    async with http.put(
+        admin_url(gateway, "/api/v1/routes/m/weight"), json={"challenger_weight": 0.1}
+    ) as response:
+        assert response.status == 200
+
+
+async def test_no_traffic_holds_for_want_of_data_and_weights_wait_for_a_pause(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    gateway = await start_gateway(canary_document(v1, v2))
+    await command(http, gateway, "start")
+    held = await reaches(http, gateway, "holding")
+    assert held["reason"] == "insufficient_data" and held["step"] == 0
+
+    weight_url = admin_url(gateway, "/api/v1/routes/m/weight")
+    async with http.put(weight_url, json={"challenger_weight": 0.9}) as response:
+        assert response.status == 409
+        assert (await response.json())["error"]["code"] == "canary_active"
+    assert gateway.routes["m"].weight == 0.3
+
+    status, paused = await command(http, gateway, "pause")
+    assert status == 200 and paused["state"] == "paused"
+    async with http.put(weight_url, json={"challenger_weight": 0.4}) as response:
+        assert response.status == 200
+    status, _ = await command(http, gateway, "pause")
+    assert status == 409
+    status, resumed = await command(http, gateway, "resume")
+    assert status == 200 and resumed["state"] == "progressing"
+    # The canary takes its weight back within an evaluation.
+    await eventually(
+        lambda: _true(gateway.routes["m"].weight == 0.3), within=5, what="the canary's weight"
+    )
+    counted = decisions(await scrape(http, gateway))
+    assert counted["pause"] == 1 and counted["resume"] == 1 and counted.get("advance") is None
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def test_a_slow_challenger_is_rolled_back_by_the_latency_gate(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1 = await start_app(model_app("v1"))
+    v2 = await start_app(model_app("v2", delay=0.06))
+    gateway = await start_gateway(
+        canary_document(v1, v2, {"max_latency_ratio": 2.0, "latency_quantile": 0.9})
+    )
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+        done = await reaches(http, gateway, "rolled_back", "awaiting_promotion", within=30)
+    assert done["state"] == "rolled_back" and done["reason"] == "latency", done["last_decision"]
+
+
+async def test_a_shadow_that_disagrees_is_rolled_back_by_the_shadow_gate(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1 = await start_app(model_app("v1"))
+    v2 = await start_app(model_app("v2"))  # answers "v2" where the champion says "v1"
+    document = canary_document(
+        v1, v2, {"min_shadow_agreement": 0.9}, shadow={"sample_rate": 1.0}
+    )
+    gateway = await start_gateway(document)
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+        done = await reaches(http, gateway, "rolled_back", "awaiting_promotion")
+    assert done["state"] == "rolled_back" and done["reason"] == "shadow_agreement"
+    assert done["counts"]["shadow"]["mismatched"] > 0
+
+
+class Hooks:
+    """A webhook receiver: records what it is sent; its gate answers ``gate_status``."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+        self.asked: list[dict[str, Any]] = []
+        self.gate_status = 200
+
+    def app(self) -> web.Application:
+        async def event(request: web.Request) -> web.Response:
+            self.events.append(await request.json())
+            return web.json_response({})
+
+        async def gate(request: web.Request) -> web.Response:
+            self.asked.append(await request.json())
+            return web.json_response({}, status=self.gate_status)
+
+        app = web.Application()
+        app.router.add_post("/event", event)
+        app.router.add_post("/gate", gate)
+        return app
+
+
+async def test_webhooks_hear_every_event_and_a_closed_gate_holds(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    hooks = Hooks()
+    hooks.gate_status = 503
+    receiver = await start_app(hooks.app())
+    webhooks = [
+        {"url": f"{receiver}/event"},
+        {"url": f"{receiver}/gate", "gate": True, "events": []},
+    ]
+    gateway = await start_gateway(canary_document(v1, v2, {"webhooks": webhooks}))
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+        closed = await eventually(
+            lambda: _gate_closed(http, gateway), within=10, what="holding on the closed gate"
+        )
+        assert closed["step"] == 0
+        hooks.gate_status = 200
+        done = await reaches(http, gateway, "awaiting_promotion")
+    await command(http, gateway, "promote")
+    await eventually(
+        lambda: _true(len(hooks.events) >= 3), within=5, what="the webhook events"
+    )
+    # Reaching the last step's end is no event of its own: awaiting_promotion shows it.
+    assert [e["event"] for e in hooks.events] == ["started", "advanced", "promoted"]
+    assert all(e["route"] == "m" for e in hooks.events)
+    assert hooks.events[1]["weight"] == 0.6 and hooks.events[1]["step"] == 1
+    assert hooks.asked[0]["event"] == "advance" and hooks.asked[0]["evidence"] is not None
+    assert done["history"][-1]["action"] == "advance"
+    calls = (await scrape(http, gateway)).matching("gateway_canary_webhook_calls_total", route="m")
+    outcomes = {(labels["event"], labels["outcome"]) for labels, _ in calls}
+    assert ("advance", "refused") in outcomes and ("started", "ok") in outcomes
+
+
+async def _gate_closed(http: aiohttp.ClientSession, gateway: Gateway) -> Any:
+    view = await canary(http, gateway)
+    return view if view["reason"] == "gate_closed" else None
+
+
+class Replica:
+    """``gateway run`` as its own process (so that it can be SIGKILLed), on one Redis."""
+
+    def __init__(self, name: str, document: dict[str, Any], directory: Path) -> None:
+        self.name = name
+        port, admin_port = free_port(), free_port()
+        document = {
+            **document,
+            "server": {**document["server"], "port": port},
+            "admin": {**document["admin"], "port": admin_port},
+        }
+        self.config = directory / f"{name}.yaml"
+        self.config.write_text(yaml.safe_dump(document))
+        self.log = directory / f"{name}.log"
+        self.base = f"http://127.0.0.1:{port}"
+        self.admin = f"http://127.0.0.1:{admin_port}"
+        self.process: asyncio.subprocess.Process | None = None
+
+    async def start(self, http: aiohttp.ClientSession) -> None:
+        with self.log.open("ab") as out:
+            self.process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config),
+                stdout=out, stderr=out,
+            )  # fmt: skip
+        process = self.process
+
+        async def ready() -> bool:
+            assert process.returncode is None, self.log.read_text(errors="replace")
+            try:
+                async with http.get(f"{self.admin}/readyz") as response:
+                    return response.status == 200
+            except aiohttp.ClientConnectionError:
+                return False
+
+        await eventually(ready, within=15, what=f"replica {self.name}", every=0.05)
+
+    async def kill(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.kill()  # SIGKILL: no draining, no lease given up
+            await self.process.wait()
+
+    async def stop(self) -> None:
+        if self.process is not None and self.process.returncode is None:
+            self.process.terminate()
+            await self.process.wait()
+
+    async def weight(self, http: aiohttp.ClientSession) -> float:
+        async with http.get(f"{self.admin}/api/v1/routes/m") as response:
+            return float((await response.json())["challenger_weight"])
+
+    async def decisions(self, http: aiohttp.ClientSession) -> dict[str, int]:
+        async with http.get(f"{self.admin}/metrics") as response:
+            return decisions(Scrape(await response.text()))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_replicas_share_one_canary_and_finish_it_when_its_leader_dies(
+    private_redis: RedisServer,  # noqa: F811
+    start_app: StartApp,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    document = canary_document(
+        v1, v2, {"steps": [0.2, 0.4, 0.6, 0.8], "step_interval_seconds": 1.5}
+    )
+    document["state"] = {"backend": "redis", "redis_url": private_redis.url, "key_prefix": "gw"}
+    a, b = Replica("a", document, tmp_path), Replica("b", document, tmp_path)
+    try:
+        await a.start(http)
+        await b.start(http)
+        status, view = await command(http, a.admin, "start")
+        assert status == 200
+        leader = view["leader"] or (await canary(http, a.admin))["leader"]
+        # The weight a command set through one replica reaches the other within 1 s.
+        started = asyncio.get_running_loop().time()
+        await eventually(
+            lambda: _equal(b.weight(http), 0.2), within=1.5, what="b at the canary's weight"
+        )
+        assert asyncio.get_running_loop().time() - started < 1.0
+
+        async with traffic(http, a.base, b.base):
+            # Each step's weight is on both replicas within 1 s of the step starting.
+            seen = await reaches(http, a.admin, "progressing", "holding")
+            for step in (1, 2):
+                view = await eventually(
+                    lambda s=step: _at_step(http, a.admin, s), within=20, what=f"step {step}"
+                )
+                weight = view["weight"]
+                await eventually(
+                    lambda w=weight: _all_equal([a.weight(http), b.weight(http)], w),
+                    within=1.0, what=f"both replicas at weight {weight}",
+                )  # fmt: skip
+            # Kill the leader: the other takes over once the lease runs out, and finishes.
+            views = [await canary(http, r.admin) for r in (a, b)]
+            leader = views[0]["leader"]
+            killed = next(r for r, v in zip((a, b), views, strict=True) if v["process"] == leader)
+            survivor = b if killed is a else a
+            await killed.kill()
+            done = await reaches(http, survivor.admin, "awaiting_promotion", "rolled_back")
+        assert done["state"] == "awaiting_promotion", done["last_decision"]
+        assert done["leader"] == done["process"] != leader
+        assert seen["canary_id"] == done["canary_id"]
+        # One decision per step change, whichever replica took it: none was taken twice.
+        advances = [h for h in done["history"] if h["action"] == "advance"]
+        assert len(advances) == 4 and [h["step"] for h in advances] == [1, 2, 3, 3]
+        survived = await survivor.decisions(http)
+        assert survived.get("start", 0) == (1 if survivor is a else 0)
+
+        # A replica started afresh resumes the canary where it is: from the store.
+        await killed.start(http)
+        resumed = await canary(http, killed.admin)
+        assert resumed["state"] == "awaiting_promotion" and resumed["step"] == 3
+        assert resumed["canary_id"] == done["canary_id"]
+        assert await killed.weight(http) == 0.8
+        status, _ = await command(http, killed.admin, "promote")
+        assert status == 200
+        await eventually(
+            lambda: _promoted(http, survivor.admin), within=2, what="the promotion on the other"
+        )
+    finally:
+        for replica in (a, b):
+            await replica.stop()
+
+
+async def _equal(value: Any, expected: float) -> bool:
+    return bool(await value == expected)
+
+
+async def _all_equal(values: list[Any], expected: float) -> bool:
+    return all([await v == expected for v in values])
+
+
+async def _at_step(http: aiohttp.ClientSession, admin: str, step: int) -> Any:
+    view = await canary(http, admin)
+    return view if view["step"] >= step and view["state"] in ("progressing", "holding") else None
+
+
+async def _promoted(http: aiohttp.ClientSession, admin: str) -> bool:
+    async with http.get(f"{admin}/api/v1/routes/m") as response:
+        route = await response.json()
+    return bool(route["champion"] == "v2" and route["canary"]["state"] == "promoted")
