@@ -479,3 +479,41 @@ async def _promoted(http: aiohttp.ClientSession, admin: str) -> bool:
     async with http.get(f"{admin}/api/v1/routes/m") as response:
         route = await response.json()
     return bool(route["champion"] == "v2" and route["canary"]["state"] == "promoted")
+
+
+async def test_a_reload_keeps_the_canary_and_a_new_challenger_starts_it_over(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    v1, v2, v3 = [await start_app(model_app(n)) for n in ("v1", "v2", "v3")]
+    document = canary_document(v1, v2, {"steps": [0.2, 0.4, 0.6], "min_requests": 10**6})
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    gateway = await start_gateway(document, config_path=path)
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+        before = await reaches(http, gateway, "holding")  # min_requests is out of reach
+
+        # The same canary in a reloaded file (another route added): it runs on.
+        document["routes"].append({"name": "x", "match": {"path_prefix": "/x"}, "champion": "v1"})
+        path.write_text(yaml.safe_dump(document))
+        async with http.post(admin_url(gateway, "/api/v1/reload")) as response:
+            assert response.status == 200
+        kept = await canary(http, gateway)
+        assert kept["canary_id"] == before["canary_id"] and kept["state"] == "holding"
+        assert gateway.routes["m"].weight == 0.2
+
+        # A new challenger: the evidence gathered was about another model; start over.
+        document["backends"]["v3"] = {"url": v3}
+        document["routes"][0]["challenger"] = "v3"
+        path.write_text(yaml.safe_dump(document))
+        async with http.post(admin_url(gateway, "/api/v1/reload")) as response:
+            assert response.status == 200
+
+        async def restarted() -> Any:
+            view = await canary(http, gateway)
+            return view if view["canary_id"] != before["canary_id"] else None
+
+        again = await eventually(restarted, within=5, what="the canary to start over")
+    assert again["challenger"] == "v3" and again["step"] == 0
+    assert any(h["reason"] == "challenger_changed" for h in again["history"])
+    assert again["counts"]["canary"]["challenger"]["requests"] < 10**6  # its own counts
