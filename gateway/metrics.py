@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
+from typing import Any, Literal
 
 from prometheus_client import (
     CollectorRegistry,
@@ -43,84 +44,54 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
-        self.requests = Counter(
-            "gateway_requests_total",
-            "Requests answered by the gateway, by route, variant and status code.",
-            ["route", "variant", "code"],
-            registry=r,
-        )
-        self.duration = Histogram(
-            "gateway_request_duration_seconds",
-            "Time from request arrival to the last byte of the answer.",
-            ["route", "variant"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.in_flight = Gauge(
-            "gateway_requests_in_flight",
-            "Requests being proxied right now.",
-            ["route", "variant"],
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.upstream_errors = Counter(
-            "gateway_upstream_errors_total",
-            "Failures talking to a backend, by reason.",
-            ["route", "variant", "reason"],
-            registry=r,
-        )
-        self.shadow_requests = Counter(
-            "gateway_shadow_requests_total",
-            "Mirrored requests by comparison outcome.",
-            ["route", "outcome"],
-            registry=r,
-        )
-        self.shadow_latency_delta = Histogram(
-            "gateway_shadow_latency_delta_seconds",
-            "Shadow latency minus the latency of the answer the client got.",
-            ["route"],
-            buckets=DELTA_BUCKETS,
-            registry=r,
-        )
-        self.challenger_weight = Gauge(
-            "gateway_challenger_weight",
-            "Share of traffic the challenger gets.",
-            ["route"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
-        self.canary_state = Gauge(
-            "gateway_canary_state",
-            "1 on the canary's current state, 0 on the others.",
-            ["route", "state"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
-        self.canary_decisions = Counter(
-            "gateway_canary_decisions_total",
-            "Canary controller decisions.",
-            ["route", "decision"],
-            registry=r,
-        )
-        self.canary_step = Gauge(
-            "gateway_canary_step",
-            "Index of the canary's current step, -1 when idle.",
-            ["route"],
-            registry=r,
-            multiprocess_mode="livemostrecent",
-        )
-        self.canary_webhook_calls = Counter(
-            "gateway_canary_webhook_calls_total",
-            "Canary webhook calls, by event and outcome (ok, refused, error, timeout).",
-            ["route", "event", "outcome"],
-            registry=r,
-        )
-        self.trace_writes = Counter(
-            "gateway_trace_writes_total",
-            "Trace window writes to Redis, by outcome.",
-            ["outcome"],
-            registry=r,
-        )
+        # Each metric's name (the contract's), labels and help, and what its kind needs.
+        route, route_variant = ["route"], ["route", "variant"]
+
+        def counter(name: str, labels: list[str], help_text: str) -> Counter:
+            return Counter(name, help_text, labels, registry=r)
+
+        def gauge(
+            name: str, labels: list[str], help_text: str, mode: Literal["livesum", "livemostrecent"]
+        ) -> Gauge:
+            # Under --workers: summed over the workers (in flight), or the latest value
+            # a live worker wrote (state every worker shares, such as a weight).
+            return Gauge(name, help_text, labels, registry=r, multiprocess_mode=mode)
+
+        def histogram(name: str, labels: list[str], help_text: str, buckets: Any) -> Histogram:
+            return Histogram(name, help_text, labels, buckets=buckets, registry=r)
+
+        # fmt: off
+        self.requests = counter("gateway_requests_total", [*route_variant, "code"],
+                                "Answers to clients, by route, variant and status code.")
+        self.duration = histogram("gateway_request_duration_seconds", route_variant,
+                                  "From a request's arrival to its answer's last byte.",
+                                  LATENCY_BUCKETS)
+        self.in_flight = gauge("gateway_requests_in_flight", route_variant,
+                               "Requests being proxied right now.", "livesum")
+        self.upstream_errors = counter("gateway_upstream_errors_total",
+                                       [*route_variant, "reason"],
+                                       "Failures talking to a backend, by reason.")
+        self.shadow_requests = counter("gateway_shadow_requests_total", [*route, "outcome"],
+                                       "Mirrored requests by comparison outcome.")
+        self.shadow_latency_delta = histogram(
+            "gateway_shadow_latency_delta_seconds", route,
+            "Shadow latency minus the latency of the answer the client got.", DELTA_BUCKETS)
+        self.challenger_weight = gauge("gateway_challenger_weight", route,
+                                       "Share of traffic the challenger gets.", "livemostrecent")
+        self.canary_state = gauge("gateway_canary_state", [*route, "state"],
+                                  "1 on the canary's current state, 0 on the others.",
+                                  "livemostrecent")
+        self.canary_step = gauge("gateway_canary_step", route,
+                                 "Index of the canary's current step, -1 when idle.",
+                                 "livemostrecent")
+        self.canary_decisions = counter("gateway_canary_decisions_total", [*route, "decision"],
+                                        "Canary decisions, counted by the process that took them.")
+        self.canary_webhook_calls = counter(
+            "gateway_canary_webhook_calls_total", [*route, "event", "outcome"],
+            "Canary webhook calls by event and outcome (ok, refused, error, timeout).")
+        self.trace_writes = counter("gateway_trace_writes_total", ["outcome"],
+                                    "Trace window writes to Redis, by outcome.")
+        # fmt: on
 
         # Every metric with a route label: what forget_route clears.
         self._by_route: tuple[Counter | Gauge | Histogram, ...] = (

@@ -57,18 +57,6 @@ class Outcome(enum.StrEnum):
     MISMATCH = "mismatch"
 
 
-class VectorMatch(enum.StrEnum):
-    TOLERANCE = "tolerance"
-    ARGMAX = "argmax"
-    TOPK = "topk"
-    COSINE = "cosine"
-
-
-class TextMatch(enum.StrEnum):
-    EXACT = "exact"
-    WHITESPACE = "whitespace"
-
-
 class Reason(enum.StrEnum):
     """Why a field matched or didn't."""
 
@@ -81,9 +69,22 @@ class Reason(enum.StrEnum):
     VALUE = "value"
 
 
-class Missing(enum.Enum):
-    """The value of a field on the side that doesn't have it."""
+# When two vectors count as the same answer (``compare.vector_match``).
+class VectorMatch(enum.StrEnum):
+    TOLERANCE = "tolerance"
+    ARGMAX = "argmax"
+    TOPK = "topk"
+    COSINE = "cosine"
 
+
+# When two texts count as the same answer (``compare.text_match``).
+class TextMatch(enum.StrEnum):
+    EXACT = "exact"
+    WHITESPACE = "whitespace"
+
+
+# The value of a field on the side that doesn't have it.
+class Missing(enum.Enum):
     MISSING = "missing"
 
 
