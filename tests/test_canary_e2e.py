@@ -517,3 +517,46 @@ async def test_a_reload_keeps_the_canary_and_a_new_challenger_starts_it_over(
     assert again["challenger"] == "v3" and again["step"] == 0
     assert any(h["reason"] == "challenger_changed" for h in again["history"])
     assert again["counts"]["canary"]["challenger"]["requests"] < 10**6  # its own counts
+
+
+async def test_a_dead_state_store_stops_no_request_and_the_canary_resumes(
+    private_redis: RedisServer,  # noqa: F811
+    start_app: StartApp,
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    document = canary_document(v1, v2, {"steps": [0.2, 0.4, 0.6], "step_interval_seconds": 1})
+    document["state"] = {"backend": "redis", "redis_url": private_redis.url, "key_prefix": "gw"}
+    gateway = await start_gateway(document)
+    await command(http, gateway, "start")
+    async with traffic(http, gateway) as statuses:
+        await eventually(
+            lambda: _at_step(http, admin_url(gateway, ""), 1), within=15, what="step 2"
+        )
+        await asyncio.to_thread(private_redis.stop)
+        served = len(statuses)
+        async with http.get(admin_url(gateway, "/api/v1/routes/m/canary")) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "state_store_unavailable"
+        status, body = await command(http, gateway, "pause")
+        assert status == 503 and body["error"]["code"] == "state_store_unavailable"
+        await eventually(
+            lambda: _true(len(statuses) > served + 50), within=5, what="requests during the outage"
+        )
+        assert gateway.routes["m"].weight == 0.4  # the weight stays where the canary put it
+        await asyncio.to_thread(private_redis.start)  # empty: it keeps nothing on disk
+        # With the store back (and its canary state gone with it), the gateway answers
+        # again, and the canary can be started afresh.
+        view = await eventually(
+            lambda: _view_if_up(http, gateway), within=10, what="the canary view to answer"
+        )
+        assert view["state"] == "idle"
+        status, restarted = await command(http, gateway, "start")
+        assert status == 200 and restarted["state"] == "progressing"
+    assert set(statuses) == {200}
+
+
+async def _view_if_up(http: aiohttp.ClientSession, gateway: Gateway) -> Any:
+    async with http.get(admin_url(gateway, "/api/v1/routes/m/canary")) as response:
+        return await response.json() if response.status == 200 else None

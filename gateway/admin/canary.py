@@ -8,6 +8,7 @@ from gateway.admin.common import TARGET, json_error, json_response, settle_shado
 from gateway.controller import CanaryError
 from gateway.core.canary import Action
 from gateway.steering import SteeringError
+from gateway.store import StoreError
 
 COMMANDS = {
     "start": Action.START,
@@ -28,6 +29,8 @@ async def get_canary(request: web.Request) -> web.Response:
         return json_response(await target.controller.view(name))
     except CanaryError as error:
         return json_error(error.status, error.code, str(error))
+    except StoreError as error:
+        return _store_down(error)
 
 
 async def post_command(request: web.Request) -> web.Response:
@@ -44,3 +47,11 @@ async def post_command(request: web.Request) -> web.Response:
         return json_response(await target.controller.view(name))
     except (CanaryError, SteeringError) as error:
         return json_error(error.status, error.code, str(error))
+    except StoreError as error:
+        return _store_down(error)
+
+
+def _store_down(error: StoreError) -> web.Response:
+    # The canary's state lives in the store: without it there is nothing true to show,
+    # and a command could not be shared with the other replicas.
+    return json_error(503, "state_store_unavailable", f"the state store is unavailable: {error}")

@@ -116,6 +116,7 @@ class _Canary:
     challenger_changed: bool = False  # by this process's last reload: restart the canary
     counter: StepCounter = field(default_factory=StepCounter)
     evaluation: asyncio.Task[None] | None = None
+    store_failing: bool = False
 
     @property
     def name(self) -> str:
@@ -211,15 +212,23 @@ class CanaryController:
             await asyncio.sleep(self._tick)
 
     async def _quietly(self, canary: _Canary, work: Any) -> None:
-        """A store that is down is logged and retried at the next tick, never fatal."""
+        """A store that is down is retried at the next tick, never fatal; it is logged
+        once when it goes and once when it is back, not every second in between."""
         try:
             await work
         except StoreError as error:
-            log.warning("canary %s: state store unavailable: %s", canary.name, error)
+            if not canary.store_failing:
+                log.warning("canary %s: state store unavailable: %s", canary.name, error)
+            canary.store_failing = True
+            return
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("canary %s: unexpected error", canary.name)
+            return
+        if canary.store_failing:
+            canary.store_failing = False
+            log.info("canary %s: state store available again", canary.name)
 
     async def _tend(self, canary: _Canary) -> None:
         await self._refresh(canary)
