@@ -3,6 +3,8 @@
 ``bench.run`` decides *what* to measure; this module knows *how* to start each kind of
 target, check that it really proxies, measure it, and find out which gateway features
 were actually active (config keys may be accepted before the feature is implemented).
+A canary is the one feature that a config alone does not turn on: ``wait_all_ready``
+starts it through the admin API, as an operator would, once its gateway is up.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import contextlib
 import dataclasses
 import datetime
 import itertools
+import json
 import os
 import platform
 import subprocess
@@ -20,13 +23,13 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from bench import gateway_configs, nginx
-from bench.gateway_configs import Feature, Listen, ScaleCell, route_prefix
+from bench.gateway_configs import Feature, Listen, ScaleCell, route_names, route_prefix
 from bench.loadgen import REQUEST_BODY, LoadResult, LoadSpec, PythonLoad, Wrk, pick
 from bench.loop import uvloop_version
 from bench.procs import (
@@ -57,6 +60,7 @@ class Target:
     admin_url: str | None = None
     feature: Feature | None = None
     trace_prefix: str | None = None
+    routes: tuple[str, ...] = ()  # a gateway's route names
     measured: Measured = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,6 +80,8 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     upstream: Upstream | None = None
     _gateway_serials: Iterator[int] = field(default_factory=itertools.count)
+    # Every gateway's state store prefix in Redis, deleted when the run ends.
+    _state_prefixes: list[str] = field(default_factory=list)
 
     @classmethod
     def create(cls, workdir: Path, args: argparse.Namespace) -> Bench:
@@ -93,6 +99,9 @@ class Bench:
 
     def close(self) -> None:
         self.children.stop_all()
+        # After the gateways stopped: their last writes (a canary's counts) are in.
+        for prefix in self._state_prefixes:
+            redis_take_keys(self.args.redis_url, prefix + ":*")
 
     def log(self, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
@@ -190,6 +199,8 @@ class Bench:
             feature, listen, upstream_urls, routes, shadow_url=shadow_url
         )
         config = gateway_configs.write(document, self.workdir / f"gateway-{name}.yaml")
+        if feature.traces:
+            self._state_prefixes.append(listen.state_prefix)
         child = self.children.start(
             f"gateway-{name}",
             [*gateway_command(), "run", "-c", str(config)],
@@ -205,6 +216,7 @@ class Bench:
             admin_url=admin,
             feature=feature,
             trace_prefix=listen.trace_prefix if feature.traces else None,
+            routes=route_names(document),
         )
 
     def feature_or_fallback(self, name: str | None, default: Feature) -> Feature:
@@ -218,9 +230,15 @@ class Bench:
         return feature
 
     def wait_all_ready(self, targets: list[Target]) -> None:
+        """Wait until every target is up, then start the canaries of those that have one
+        (so every mode that starts a canary cell measures it running)."""
         # Everything was started without waiting, so the start-ups overlap.
         for target in targets:
             self.children.wait_ready(target.child, target.ready)
+        for target in targets:
+            if target.feature is not None and target.feature.canary:
+                assert target.admin_url is not None
+                start_canaries(target.admin_url, target.routes, target.child)
 
     def sanity_check(self, target: Target, path: str) -> None:
         """One request through the target must come back as the upstream's answer: a
@@ -361,13 +379,15 @@ class Bench:
             if target.feature.traces:
                 writes = metric_sum(text, "gateway_trace_writes_total")
                 target.measured.notes.append(f"trace writes metric: {writes or 0:,.0f}")
+            if target.feature.canary:
+                target.measured.notes.append(canary_activity(target.admin_url, target.routes))
 
     def note_trace_keys(self, targets: list[Target]) -> None:
         """After the gateways stopped (and flushed): count, then delete, their trace keys."""
         for target in targets:
             if target.trace_prefix is None:
                 continue
-            keys = _redis_take_keys(self.args.redis_url, target.trace_prefix + ":*")
+            keys = redis_take_keys(self.args.redis_url, target.trace_prefix + ":*")
             if keys is None:
                 target.measured.notes.append("trace keys: Redis unreadable")
             elif keys:
@@ -397,6 +417,7 @@ class Bench:
             "latency_duration": self.args.latency_duration,
             "rounds": self.args.rounds,
             "git": _git_describe(),
+            "run_id": self.run_id,  # in every Redis key prefix of the run's gateways
             "notes": self.notes,
         }
 
@@ -407,6 +428,47 @@ def gateway_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "gateway.cli"]
+
+
+def start_canaries(admin_url: str, routes: Iterable[str], child: Child) -> None:
+    """Start each route's canary (``POST .../canary/start``). Anything but a 200 stops
+    the run: a canary cell whose canary is not running would measure the traces cell."""
+    for route in routes:
+        url = f"{admin_url}/api/v1/routes/{route}/canary/start"
+        request = urllib.request.Request(url, data=b"", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                status, body = response.status, response.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        except OSError as error:
+            raise ChildFailed(f"POST {url} failed: {error}\n{child.log_tail()}") from None
+        if status != 200:
+            raise ChildFailed(
+                f"POST {url}: expected 200, got {status}: {body[:300]!r}\n{child.log_tail()}"
+            )
+
+
+def canary_activity(admin_url: str, routes: Iterable[str]) -> str:
+    """A note on a gateway's canaries, read from its admin API while it runs: their
+    state, and the requests every process counted into the current step and wrote to
+    the store (what the leader decides on). Counted requests prove the counting ran."""
+    states: set[str] = set()
+    counted = 0
+    try:
+        for route in routes:
+            view = json.loads(_http_get(f"{admin_url}/api/v1/routes/{route}/canary"))
+            states.add(f"{view['state']} at weight {view['weight']:g}")
+            step = view["counts"]["step"]
+            counted += step["champion"]["requests"] + step["challenger"]["requests"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"canary state unreadable: {error}"
+    running = all(s.startswith(("progressing ", "holding ")) for s in states)
+    verdict = "active" if running and counted else "NOT active"
+    return (
+        f"canary {verdict} ({', '.join(sorted(states))}; {counted:,} requests counted "
+        f"in the step, from the store)"
+    )
 
 
 def metric_sum(text: str, name: str, label: str = "") -> float | None:
@@ -473,7 +535,8 @@ def _redis_ping(url: str) -> bool:
         return False
 
 
-def _redis_take_keys(url: str, pattern: str) -> int | None:
+def redis_take_keys(url: str, pattern: str) -> int | None:
+    """Delete the keys that match ``pattern``: how many there were (None: Redis down)."""
     import redis
 
     try:

@@ -3,6 +3,11 @@
 Champion and challenger point at the same canned upstream, so the feature sets differ
 only in what the gateway does per request, never in what the upstream costs. The shadow
 target is the upstream's challenger port: same cost, an answer that differs a little.
+
+Every gateway with Redis state gets key prefixes of its own (``Listen``): gateways
+benchmarked at the same time must not see each other's writes (a canary writes its
+status and counts every second, and every write to a shared prefix would wake the other
+gateway's steering watcher), and the harness deletes exactly its own keys afterwards.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ class Feature(enum.Enum):
     SPLIT = "split"
     TRACES = "traces"
     SHADOW = "shadow"
+    CANARY = "canary"
 
     @property
     def label(self) -> str:
@@ -34,11 +40,17 @@ class Feature(enum.Enum):
 
     @property
     def traces(self) -> bool:
-        return self in (Feature.TRACES, Feature.SHADOW)
+        return self in (Feature.TRACES, Feature.SHADOW, Feature.CANARY)
 
     @property
     def shadow(self) -> bool:
         return self is Feature.SHADOW
+
+    @property
+    def canary(self) -> bool:
+        """A running canary: configured here, started through the admin API once the
+        gateway is up (``bench.context.start_canaries``)."""
+        return self is Feature.CANARY
 
     @property
     def needs_redis(self) -> bool:
@@ -50,10 +62,22 @@ _LABELS = {
     Feature.SPLIT: "gateway: split 50%",
     Feature.TRACES: "gateway: split + Redis traces",
     Feature.SHADOW: "gateway: split + traces + shadow 10%",
+    Feature.CANARY: "gateway: split + traces + canary holding at 50%",
 }
 
 SHADOW_RATE = 0.1
 SPLIT_WEIGHT = 0.5
+# The canary cell: one step at the split's own weight, so the canary changes nothing in
+# where requests go, and a minimum of requests per step no run reaches, so it holds at
+# that step however long the run (no advance, no promotion, no weight change). It is
+# evaluated every second, the most often a canary is configured in earnest, so its
+# per-second work (reading, summing and writing counts in the store) is as large as it
+# gets; none of it should be per request.
+CANARY: dict[str, Any] = {
+    "steps": [SPLIT_WEIGHT],
+    "min_requests": 1_000_000_000,
+    "evaluation_interval_seconds": 1,
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +88,12 @@ class Listen:
     redis_url: str
     trace_prefix: str
 
+    @property
+    def state_prefix(self) -> str:
+        """The state store's ``key_prefix`` (its keys are ``<this>:state:...``): this
+        gateway's own, and never matched by the trace keys' glob ``<trace_prefix>:*``."""
+        return f"{self.trace_prefix}-store"
+
 
 def _sections(feature: Feature, listen: Listen) -> dict[str, Any]:
     sections: dict[str, Any] = {
@@ -71,7 +101,11 @@ def _sections(feature: Feature, listen: Listen) -> dict[str, Any]:
         "admin": {"host": "127.0.0.1", "port": listen.admin_port},
     }
     if feature.traces:
-        sections["state"] = {"backend": "redis", "redis_url": listen.redis_url}
+        sections["state"] = {
+            "backend": "redis",
+            "redis_url": listen.redis_url,
+            "key_prefix": listen.state_prefix,
+        }
         sections["tracing"] = {
             "enabled": True,
             "interval_seconds": 10,
@@ -125,8 +159,14 @@ def scale_document(
                 [shadow_url] if shadow_url is not None else upstream_urls
             )
             route["shadow"] = {"target": f"{name}-shadow", "sample_rate": SHADOW_RATE}
+        if feature.canary:
+            route["canary"] = dict(CANARY)
         route_docs.append(route)
     return {**_sections(feature, listen), "backends": backends, "routes": route_docs}
+
+
+def route_names(document: dict[str, Any]) -> tuple[str, ...]:
+    return tuple(route["name"] for route in document["routes"])
 
 
 def route_prefix(index: int, routes: int) -> str:

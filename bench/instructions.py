@@ -1,6 +1,7 @@
 """CPU instructions per request under callgrind: feature costs free of the machine's drift.
 
     python -m bench.instructions [--requests 2000] [--only split,traces,shadow]
+    python -m bench.instructions --only traces,canary   # a running canary's cost
     python -m bench.instructions --scale          # 1 route x 1 endpoint vs 100 x 8
     python -m bench.instructions --scale --cells 1x1,10x1,10x8
 
@@ -13,7 +14,8 @@ Each gateway runs under ``valgrind --tool=callgrind --instr-atstart=no`` (about 
 slower, so only its own instructions matter, not its speed). After a warm-up that is not
 counted, instrumentation is switched on with ``callgrind_control``, a fixed number of
 requests is sent (deterministic request IDs, so the split sends the same requests to
-the same side every time), background work is let finish, and the count is dumped.
+the same side every time), background work is let finish, and the count is dumped. A
+canary cell's canary is started before the warm-up, as ``bench.run`` starts it.
 
 What it does not see: time in the kernel (socket reads and writes, the same for every
 feature set) and cache misses (a bigger working set costs time, not instructions). So a
@@ -39,8 +41,21 @@ from typing import Any
 
 import aiohttp
 
-from bench.context import gateway_command, metric_sum
-from bench.gateway_configs import Feature, Listen, ScaleCell, scale_document, write
+from bench.context import (
+    canary_activity,
+    gateway_command,
+    metric_sum,
+    redis_take_keys,
+    start_canaries,
+)
+from bench.gateway_configs import (
+    Feature,
+    Listen,
+    ScaleCell,
+    route_names,
+    scale_document,
+    write,
+)
 from bench.loadgen import REQUEST_BODY
 from bench.procs import ChildFailed, Children, free_port
 from bench.run import scale_cell
@@ -67,7 +82,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--only",
         default="plain,split,traces,shadow",
-        help="comma-separated feature sets (default: all)",
+        help="comma-separated feature sets (default: all but canary; traces,canary for "
+        "a running canary's cost)",
     )
     parser.add_argument("--scale", action="store_true", help="1x1 against 100x8 (traces)")
     parser.add_argument(
@@ -139,6 +155,9 @@ class Cell:
         listen = Listen(
             port, admin_port, workdir / f"{self.name}-state.db", redis_url, f"gwir{port}"
         )
+        self.redis_url = redis_url
+        # Deleted once the cell is measured (a canary's status and counts stay otherwise).
+        self.state_prefix = listen.state_prefix if feature.traces else None
         document = scale_document(
             feature,
             listen,
@@ -153,6 +172,7 @@ class Cell:
             # in the idle rate or the loaded count depending on when the boundary falls.
             document["tracing"]["interval_seconds"] = _TRACE_INTERVAL_SECONDS
         config = write(document, workdir / f"gateway-{self.name}.yaml")
+        self.routes = route_names(document)
         self.base_url = f"http://127.0.0.1:{port}"
         self.admin_url = f"http://127.0.0.1:{admin_port}"
         self.out = workdir / f"callgrind-{self.name}.out"
@@ -200,6 +220,8 @@ class Cell:
 
     def measure(self, requests: int, warmup: int, connections: int) -> dict[str, Any]:
         self.children.wait_ready(self.child, self._ready, timeout=_STARTUP_SECONDS)
+        if self.feature.canary:
+            start_canaries(self.admin_url, self.routes, self.child)
         asyncio.run(send(self.base_url, self.paths, warmup, connections, "warm"))
         # Timers (the state store's poll, the trace writer) cost per second, not per
         # request: 50x slower under valgrind, they would weigh 50x too much. Their rate
@@ -214,7 +236,10 @@ class Cell:
 
         loaded, seconds = self.counted(load)
         after = self.metrics()
+        activity = canary_activity(self.admin_url, self.routes) if self.feature.canary else None
         self.children.stop(self.child)
+        if self.state_prefix is not None:
+            redis_take_keys(self.redis_url, self.state_prefix + ":*")
         instructions = loaded - idle_rate * seconds
         result: dict[str, Any] = {
             "name": self.name,
@@ -225,6 +250,8 @@ class Cell:
             "seconds_under_valgrind": seconds,
             "per_request": instructions / requests,
         }
+        if activity is not None:
+            result["canary"] = activity
         if self.feature.shadow:
             mirrored = _delta(after, before, "gateway_shadow_requests_total")
             compared = sum(
@@ -269,7 +296,8 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             print(f"[callgrind] {cell.label} ...", file=sys.stderr, flush=True)
             result = cell.measure(args.requests, args.warmup, args.connections)
             print(
-                f"[callgrind] {cell.label}: {result['per_request']:,.0f} instructions/request",
+                f"[callgrind] {cell.label}: {result['per_request']:,.0f} instructions/request"
+                + (f" ({result['canary']})" if "canary" in result else ""),
                 file=sys.stderr,
                 flush=True,
             )
@@ -281,7 +309,7 @@ def costs(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each cell against the one before it (features) or the first (scale)."""
     by_name = {r["name"]: r for r in results}
     out = []
-    steps = {"split": "plain", "traces": "split", "shadow": "traces"}
+    steps = {"split": "plain", "traces": "split", "shadow": "traces", "canary": "traces"}
     for result in results:
         reference = by_name.get(steps.get(result["name"], ""), results[0])
         if reference is result:

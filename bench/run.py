@@ -1,10 +1,11 @@
 """Benchmark the gateway against a minimal aiohttp proxy and nginx (see bench/README.md).
 
 python -m bench.run [--duration 10] [--connections 64] [--rounds 3] [--json out.json]
-                    [--only upstream,nginx,baseline,plain,split,traces,shadow]
+                    [--only upstream,nginx,baseline,plain,split,traces,shadow,canary]
 python -m bench.run --memory      # RSS before/after 200,000 distinct request IDs
 python -m bench.run --scale       # req/s with 1/10/100 routes x 1/8 endpoints
 python -m bench.run --paired      # feature costs from gateways loaded side by side
+python -m bench.run --paired --pairs canary --rounds 8    # one pair: canary against traces
 """
 
 from __future__ import annotations
@@ -28,10 +29,11 @@ from bench import nginx
 from bench.context import Bench, Target
 from bench.gateway_configs import REQUEST_PATH, Feature, ScaleCell
 from bench.loadgen import LoadSpec
-from bench.paired import run_paired
+from bench.paired import PAIRS, run_paired
 from bench.procs import ChildFailed, free_port, rss_bytes
 from bench.report import (
     Measured,
+    cpu_per_request_of,
     disturbance_note,
     main_table,
     paired,
@@ -95,8 +97,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--pairs",
         default="",
-        help="--paired: comma-separated measured sides to run (default all: split-again, "
-        "traces, shadow, traces-100x8, traces-100x8-one)",
+        help="--paired: comma-separated measured sides to run, each against its reference "
+        f"(default all: {', '.join(p.measured for p in PAIRS)})",
     )
     parser.add_argument(
         "--cells",
@@ -146,6 +148,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown:
         parser.error(f"--only: unknown {', '.join(unknown)} (choose from {', '.join(TARGETS)})")
     args.only = [n for n in TARGETS if n in names]
+    args.pairs = [n.strip() for n in args.pairs.split(",") if n.strip()]
+    sides = [p.measured for p in PAIRS]
+    unknown = sorted(set(args.pairs) - set(sides))
+    if unknown:
+        parser.error(f"--pairs: unknown {', '.join(unknown)} (choose from {', '.join(sides)})")
     if args.scale_proxy == "nginx" and nginx.nginx_binary() is None:
         parser.error("--scale-proxy nginx: nginx is not installed")
     if args.rounds < 1 or args.connections < 1 or args.duration <= 0:
@@ -264,7 +271,7 @@ def comparison_acceptance(
             )
         )
     baseline_added = summaries.get("baseline", {}).get("added_p50_us")
-    for name in ("plain", "split", "traces", "shadow"):
+    for name in ("plain", "split", "traces", "shadow", "canary"):
         added = summaries.get(name, {}).get("added_p50_us")
         if added is not None and baseline_added is not None:
             checks.append(
@@ -282,6 +289,25 @@ def comparison_acceptance(
     if traces_vs_split is not None:
         cost = 1 - traces_vs_split
         checks.append(_check("3. traces cost <= 3% req/s", f"{cost:.1%}", cost <= 0.03))
+    if "canary" in by_name and "traces" in by_name:
+        # Rounds taken minutes apart drift by more than 3 us: reported here, judged by
+        # --paired (its "canary" pair), where both sides share the CPU's speed.
+        extra = statistics.median(
+            c - t
+            for c, t in zip(
+                cpu_per_request_of(by_name["canary"]),
+                cpu_per_request_of(by_name["traces"]),
+                strict=False,
+            )
+        )
+        checks.append(
+            _check(
+                "running canary adds <= 3 us CPU/request over traces (interleaved rounds: "
+                "judged by --paired --pairs canary)",
+                f"{extra:+.1f} us",
+                None,
+            )
+        )
     return checks
 
 

@@ -2,7 +2,8 @@
 
 One feature set, one round, one-second cells. Works without wrk or nginx: the harness
 falls back to its Python upstream and client, and the second test forces that path so it
-stays working on machines that have both.
+stays working on machines that have both. The canary cell needs Redis (the shared one on
+6379, under the harness's own key prefixes) and is skipped without it.
 """
 
 from __future__ import annotations
@@ -15,10 +16,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 
 from bench.nginx import nginx_binary
 
 REPO = Path(__file__).resolve().parent.parent
+REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def redis_up() -> bool:
+    try:
+        with redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1) as client:
+            return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+needs_redis = pytest.mark.skipif(not redis_up(), reason=f"no Redis at {REDIS_URL}")
 
 
 def bench_process(
@@ -104,6 +118,50 @@ def test_paired_mode_runs_both_sides_at_once(tmp_path: Path) -> None:
     extra, relative = summary["cpu_extra_us_per_request"], summary["cpu_per_request_cost"]
     assert math.isfinite(extra) and (extra > 0) == (relative > 0)
     assert "extra CPU us/request" in done.stdout
+
+
+@pytest.mark.timeout(90)
+@needs_redis
+def test_paired_canary_side_runs_a_started_canary_against_traces(tmp_path: Path) -> None:
+    result, _ = bench_process(
+        tmp_path, "--paired", "--pairs=canary", "--duration=2", "--loadgen=python",
+        "--upstream=python", "--connections=4", f"--redis-url={REDIS_URL}", timeout=80,
+    )  # fmt: skip
+    (summary,) = result["summaries"]
+    assert summary["measured"] == "canary" and summary["reference"] == "traces"
+    assert summary["rounds"] == 1 and summary["errors"] == 0
+    # Judged on its extra CPU per request, not on a share of req/s.
+    assert summary["limit"] is None and summary["limit_us"] == 3.0
+    assert summary["passed"] in (True, False)
+    (check,) = result["acceptance"]
+    assert "adds <= 3 us CPU/request" in check["check"] and check["measured"].endswith(")")
+    # The canary was started and counted the side's requests into its step, in the store.
+    (note,) = [n for n in result["meta"]["notes"] if n.startswith("canary (last round)")]
+    assert "canary active (progressing at weight 0.5;" in note, note
+    # Its status and counts went with the run (every gateway had prefixes of its own).
+    pattern = f"gwbench{result['meta']['run_id']}g*"
+    with redis.Redis.from_url(REDIS_URL) as client:
+        assert list(client.scan_iter(match=pattern, count=1000)) == []
+
+
+@pytest.mark.timeout(60)
+@needs_redis
+def test_table_mode_starts_the_canary_cell(tmp_path: Path) -> None:
+    result = run_bench(
+        tmp_path, "--only=canary", "--duration=1", "--latency-duration=0", "--loadgen=python",
+        "--upstream=python", f"--redis-url={REDIS_URL}",
+    )  # fmt: skip
+    assert_served(result, ["canary"])
+    notes = result["summaries"]["canary"]["notes"]
+    assert any(n.startswith("canary active (progressing at weight 0.5;") for n in notes), notes
+
+
+def test_pairs_are_checked_by_name() -> None:
+    from bench.run import parse_args
+
+    assert parse_args(["--paired", "--pairs", "canary, traces"]).pairs == ["canary", "traces"]
+    with pytest.raises(SystemExit):
+        parse_args(["--paired", "--pairs", "canary,nope"])
 
 
 @pytest.mark.timeout(90)
@@ -206,10 +264,7 @@ def test_item_4_is_judged_on_one_route_and_the_spread_cell_reported() -> None:
 def test_paired_spread_pair_is_reported_not_judged() -> None:
     from bench.paired import PAIRS, PairRuns, paired_table
 
-    runs = {
-        measured: PairRuns(question, measured, reference, limit)
-        for question, measured, reference, limit in PAIRS
-    }
+    runs = {pair.measured: PairRuns(*pair) for pair in PAIRS}
     for pair in runs.values():
         pair.rps_ratios, pair.cpu_ratios = [0.9], [0.9]
         pair.cpu_shares, pair.cpu_extra_us = [0.5], [10.0]
@@ -218,3 +273,19 @@ def test_paired_spread_pair_is_reported_not_judged() -> None:
     assert one["passed"] is False  # a 10 % cost against 5 %
     table = paired_table([spread, one])
     assert "reported, not judged (<= 5%)" in table and "FAIL (<= 5%)" in table
+
+
+def test_paired_canary_is_judged_on_extra_us_per_request_whatever_its_share() -> None:
+    from bench.paired import PAIRS, PairRuns, paired_table
+
+    (pair,) = [p for p in PAIRS if p.measured == "canary"]
+    runs = PairRuns(*pair)
+    # A 10 % share of req/s, but 2.5 us a request in the median of three rounds: passes.
+    runs.rps_ratios, runs.cpu_ratios, runs.cpu_shares = [0.9] * 3, [0.9] * 3, [0.5] * 3
+    runs.cpu_extra_us = [4.0, 2.5, -1.0]
+    summary = runs.summary()
+    assert summary["passed"] is True and summary["cpu_extra_us_per_request"] == 2.5
+    assert (summary["cpu_extra_us_min"], summary["cpu_extra_us_max"]) == (-1.0, 4.0)
+    assert "| +2.5 (-1.0 - +4.0) |" in paired_table([summary])
+    runs.cpu_extra_us = [4.0, 3.5, 1.0]
+    assert runs.summary()["passed"] is False
