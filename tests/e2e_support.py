@@ -1,22 +1,21 @@
 """Helpers for the end-to-end trace and state tests: an OpenAI-style model server that
 answers with the ``usage`` the request asks for (plain JSON or SSE), trace readers for
-Redis and the admin API, /metrics parsing, polling with deadlines, and a persistent
-private redis-server that keeps its data across a stop and start."""
+Redis and the admin API, /metrics parsing, and a persistent private redis-server that
+keeps its data across a stop and start."""
 
 from __future__ import annotations
 
 import asyncio
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import aiohttp
 import orjson
@@ -27,32 +26,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import config as config_module
 from gateway.app import Gateway
 from gateway.core.trace import serialize, token_bucket
-from tests.redis_fixtures import RedisServer, wait_for
+from tests.redis_fixtures import RedisServer
 from tests.support import admin_url
 
-T = TypeVar("T")
 CLIENT_TIMEOUT = aiohttp.ClientTimeout(total=10)
 CHAT_PATH = "/v1/chat/completions"
 META = ("meta_interval_sec", "meta_pending_reqs", "meta_precision", "meta_total_reqs", "meta_v")
 _FIELD = rb'"(\d+:\d+|meta_[a-z_]+)":\d+'
 COMPACT_SORTED = re.compile(rb"^\{" + _FIELD + rb"(," + _FIELD + rb")*\}$")
-
-
-# --------------------------------------------------------------------------- polling
-
-
-async def eventually(
-    check: Callable[[], Awaitable[T]], *, within: float, what: str, every: float = 0.02
-) -> T:
-    """Poll ``check`` until it returns something truthy; fail after ``within`` seconds."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(every)
 
 
 # --------------------------------------------------------------------------- model server
@@ -328,16 +309,9 @@ class PersistentRedisServer(RedisServer):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="gwtest-redis-"))
 
-    def start(self) -> None:
-        exe = shutil.which("redis-server")
-        assert exe, "redis-server must be on PATH"
-        self._proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.dir),
-             "--daemonize", "no", "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        wait_for(self._ping, timeout=10, what=f"redis-server on port {self.port}")
+    def persistence(self) -> list[str]:
+        return ["--save", "", "--appendonly", "yes", "--appendfsync", "always",
+                "--dir", str(self.dir)]  # fmt: skip
 
     def cleanup(self) -> None:
         self.stop()

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 import subprocess
-import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
@@ -21,6 +20,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until_sync
 
 SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
 
@@ -39,16 +39,6 @@ def delete_prefix(url: str, pattern: str) -> None:
             client.delete(*keys)
 
 
-def wait_for(predicate: object, *, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        if callable(predicate) and predicate():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.02)
-
-
 class RedisServer:
     """A private redis-server that a test may stop and start again on the same port."""
 
@@ -64,15 +54,19 @@ class RedisServer:
         except redis.RedisError:
             return False
 
+    def persistence(self) -> list[str]:
+        """redis-server's options for keeping data: none, so a restart starts empty."""
+        return ["--save", "", "--appendonly", "no"]
+
     def start(self) -> None:
         exe = shutil.which("redis-server")
         assert exe, "redis-server must be on PATH"
         self._proc = subprocess.Popen(
-            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning"],
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", *self.persistence(),
+             "--daemonize", "no", "--loglevel", "warning"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        wait_for(self._ping, timeout=10, what=f"redis-server on port {self.port}")
+        )  # fmt: skip
+        wait_until_sync(self._ping, f"redis-server on port {self.port}", within=10)
 
     def stop(self) -> None:
         if self._proc is not None:

@@ -1,5 +1,5 @@
 """Helpers for the shadow-traffic tests: recording model servers, /metrics parsing,
-polling with deadlines, the exact binomial interval, and process measurements."""
+waiting for the gateway to settle, the exact binomial interval, and process measurements."""
 
 from __future__ import annotations
 
@@ -21,6 +21,8 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
+from tests.helpers.apps import catch_all_app
+from tests.helpers.waiting import wait_until
 from tests.support import admin_url
 
 SHADOW_HEADER = "X-Gateway-Shadow"
@@ -82,9 +84,7 @@ def tfserving_app(recorder: Recorder, shift: float = 0.0) -> web.Application:
         scores = [round(s + shift, 4) for s in scores_for(body or request.path.encode())]
         return web.json_response({"predictions": [scores]})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", predict)
-    return app
+    return catch_all_app(predict)
 
 
 def status_app(recorder: Recorder, status: int) -> web.Application:
@@ -92,9 +92,7 @@ def status_app(recorder: Recorder, status: int) -> web.Application:
         recorder.add(request, await request.read())
         return web.json_response({"error": "model crashed"}, status=status)
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", fail)
-    return app
+    return catch_all_app(fail)
 
 
 @dataclass
@@ -116,9 +114,7 @@ class BlackHole:
                 self.waiting -= 1
             return web.json_response({"late": True})
 
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", hang)
-        return app
+        return catch_all_app(hang)
 
 
 def noisy_app(recorder: Recorder, score_shift: float = 0.0) -> web.Application:
@@ -143,9 +139,7 @@ def noisy_app(recorder: Recorder, score_shift: float = 0.0) -> web.Application:
             }
         )
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", predict)
-    return app
+    return catch_all_app(predict)
 
 
 def openai_chunk(content: str | None = None, *, role: bool = False, finish: bool = False) -> bytes:
@@ -239,16 +233,6 @@ async def shadow_report(http: aiohttp.ClientSession, gateway: Gateway, route: st
         return await response.json()
 
 
-async def wait_until(
-    condition: Callable[[], bool], what: str, deadline: float = 5.0, every: float = 0.01
-) -> None:
-    until = time.monotonic() + deadline
-    while not condition():
-        if time.monotonic() > until:
-            raise AssertionError(f"timed out after {deadline}s waiting for {what}")
-        await asyncio.sleep(every)
-
-
 def requests_in_flight(gateway: Gateway) -> float:
     return sum(
         sample.value for family in gateway.metrics.in_flight.collect() for sample in family.samples
@@ -266,7 +250,7 @@ async def settle(gateway: Gateway, deadline: float = 5.0) -> None:
         and runner.tasks_in_flight == 0
         and runner.pending_comparisons == 0,
         "requests and shadow calls to finish",
-        deadline,
+        within=deadline,
     )
 
 

@@ -1,4 +1,4 @@
-"""Helpers for building test configs and URLs."""
+"""Helpers for building test configs and URLs, and for gateways run as processes."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
-from aiohttp import web
 
 from gateway.app import Gateway
+from tests.helpers.apps import named_app as named_app  # where tests/test_reload.py looks
+from tests.helpers.waiting import wait_until
 
 
 def gateway_document(
@@ -39,17 +41,6 @@ def admin_url(gateway: Gateway, path: str = "") -> str:
     return f"http://127.0.0.1:{gateway.admin_port}{path}"
 
 
-def named_app(name: str) -> web.Application:
-    """An upstream that answers every request with ``{"backend": name}``."""
-
-    async def handle(request: web.Request) -> web.Response:
-        return web.json_response({"backend": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
-
-
 async def spawn_gateway(
     document: dict[str, Any], directory: Path, *args: str, capture: bool = True
 ) -> asyncio.subprocess.Process:
@@ -61,3 +52,35 @@ async def spawn_gateway(
         sys.executable, "-m", "gateway.cli", "run", "-c", str(config), *args,
         stdout=output, stderr=asyncio.subprocess.STDOUT if capture else output,
     )  # fmt: skip
+
+
+def log_text(path: Path) -> str:
+    """A gateway process's log, for a failure message."""
+    return path.read_text(errors="replace")
+
+
+async def wait_ready(
+    http: aiohttp.ClientSession,
+    admin: str,
+    *,
+    process: asyncio.subprocess.Process | None = None,
+    log: Path | None = None,
+    within: float = 15.0,
+) -> None:
+    """Wait until the admin listener at ``admin`` (a base URL) answers ``/readyz`` with
+    200. With ``process``, fail at once if it exits first, showing ``log`` if given."""
+
+    async def ready() -> bool:
+        if process is not None and process.returncode is not None:
+            shown = log_text(log) if log is not None else ""
+            raise AssertionError(f"the gateway exited with {process.returncode}: {shown}")
+        async with http.get(f"{admin}/readyz") as response:
+            return response.status == 200
+
+    await wait_until(
+        ready,
+        f"the gateway at {admin} to be ready",
+        within=within,
+        every=0.05,
+        ignoring=(aiohttp.ClientConnectionError,),
+    )

@@ -8,26 +8,15 @@ from typing import Any
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway.app import Gateway
 from gateway.core.split import bucket_of
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.apps import named_app
 from tests.support import admin_url, gateway_document, proxy_url
 
 TOKEN = "s3cret-token"
 SALT = "admin-test"
-
-
-def named_app(name: str) -> web.Application:
-    """An upstream that answers every request with its own name."""
-
-    async def answer(request: web.Request) -> web.Response:
-        return web.json_response({"backend": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    return app
 
 
 def key_in_buckets(low: int, high: int, salt: str = SALT) -> str:

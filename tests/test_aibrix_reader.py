@@ -7,44 +7,18 @@ on the shared Redis with a model name nobody else uses, and deletes its keys aft
 from __future__ import annotations
 
 import logging
-import tempfile
 import types
-import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import redis
 
 from gateway.tracing import TraceWriter
-from tests.aibrix.loader import load_reader_module
-from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix, fast_client
+from tests.aibrix.fixtures import aibrix_model, forget_writer, load_reader  # noqa: F401  (fixtures)
+from tests.helpers.clock import FakeClock
+from tests.redis_fixtures import SHARED_REDIS_URL, fast_client
 
 INTERVAL = 10
 T0 = 1_700_000_000  # a window start; the clock is driven, Redis TTLs stay relative
-
-
-@pytest.fixture(scope="module")
-def load_reader(request: pytest.FixtureRequest) -> types.ModuleType:
-    # pytest's cache dir when it is enabled (CI can keep it between runs), else /tmp.
-    cache = getattr(request.config, "cache", None)
-    where = (cache.mkdir("aibrix-wheel") if cache is not None
-             else Path(tempfile.gettempdir()) / "model-gateway-aibrix-wheel")
-    return load_reader_module(where)
-
-
-@pytest.fixture
-def model() -> Iterator[str]:
-    name = f"gwtest-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_prefix(SHARED_REDIS_URL, f"aibrix:{name}_request_trace_*")
-
-
-class FakeClock:
-    now = T0 + 1.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def served(w: TraceWriter, clock: FakeClock, model: str, n: int, tokens: tuple[int, int]) -> None:
@@ -55,10 +29,13 @@ def served(w: TraceWriter, clock: FakeClock, model: str, n: int, tokens: tuple[i
 
 
 async def test_gateway_load_reader_reads_our_windows(
-    load_reader: types.ModuleType, model: str, caplog: pytest.LogCaptureFixture
+    load_reader: types.ModuleType,  # noqa: F811
+    aibrix_model: str,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    model = aibrix_model
     client = fast_client(SHARED_REDIS_URL)
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1.0)
     w = TraceWriter(client, key_prefix="aibrix", interval_seconds=INTERVAL, ttl_seconds=600,
                     clock=clock)
     e1, e2, e3 = T0 + 10, T0 + 20, T0 + 30
@@ -109,4 +86,4 @@ async def test_gateway_load_reader_reads_our_windows(
         sync.close()
     finally:
         await client.aclose()
-        delete_prefix(SHARED_REDIS_URL, f"aibrix:gateway_trace_write:{w.writer_id}:*")
+        forget_writer(w.writer_id)

@@ -20,11 +20,12 @@ from aiohttp import web
 
 from gateway.app import Gateway
 from tests.conftest import StartApp, StartGateway
-from tests.e2e_support import eventually
+from tests.helpers.apps import catch_all_app
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import RedisServer, private_redis  # noqa: F401  (fixture)
 from tests.shadow_support import Scrape, scrape
-from tests.support import admin_url, gateway_document, proxy_url
+from tests.support import admin_url, gateway_document, proxy_url, wait_ready
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -52,9 +53,7 @@ def model_app(
             return web.json_response({"error": "model crashed"}, status=500)
         return web.json_response({"backend": name, "path": request.path})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", handle)
-    return app
+    return catch_all_app(handle)
 
 
 def canary_document(
@@ -131,7 +130,7 @@ async def reaches(
         view = await canary(http, gateway)
         return view if view["state"] in states else None
 
-    return await eventually(check, within=within, what=f"the canary to be {' or '.join(states)}")
+    return await wait_until(check, f"the canary to be {' or '.join(states)}", within=within)
 
 
 def decisions(metrics: Scrape, route: str = "m") -> dict[str, int]:
@@ -232,15 +231,9 @@ async def test_no_traffic_holds_for_want_of_data_and_weights_wait_for_a_pause(
     status, resumed = await command(http, gateway, "resume")
     assert status == 200 and resumed["state"] == "progressing"
     # The canary takes its weight back within an evaluation.
-    await eventually(
-        lambda: _true(gateway.routes["m"].weight == 0.3), within=5, what="the canary's weight"
-    )
+    await wait_until(lambda: gateway.routes["m"].weight == 0.3, "the canary's weight")
     counted = decisions(await scrape(http, gateway))
     assert counted["pause"] == 1 and counted["resume"] == 1 and counted.get("advance") is None
-
-
-async def _true(value: bool) -> bool:
-    return value
 
 
 async def test_a_slow_challenger_is_rolled_back_by_the_latency_gate(
@@ -310,16 +303,14 @@ async def test_webhooks_hear_every_event_and_a_closed_gate_holds(
     gateway = await start_gateway(canary_document(v1, v2, {"webhooks": webhooks}))
     await command(http, gateway, "start")
     async with traffic(http, gateway):
-        closed = await eventually(
-            lambda: _gate_closed(http, gateway), within=10, what="holding on the closed gate"
+        closed = await wait_until(
+            lambda: _gate_closed(http, gateway), "holding on the closed gate", within=10
         )
         assert closed["step"] == 0
         hooks.gate_status = 200
         done = await reaches(http, gateway, "awaiting_promotion")
     await command(http, gateway, "promote")
-    await eventually(
-        lambda: _true(len(hooks.events) >= 3), within=5, what="the webhook events"
-    )
+    await wait_until(lambda: len(hooks.events) >= 3, "the webhook events")
     # Reaching the last step's end is no event of its own: awaiting_promotion shows it.
     assert [e["event"] for e in hooks.events] == ["started", "advanced", "promoted"]
     assert all(e["route"] == "m" for e in hooks.events)
@@ -360,17 +351,7 @@ class Replica:
                 sys.executable, "-m", "gateway.cli", "run", "-c", str(self.config),
                 stdout=out, stderr=out,
             )  # fmt: skip
-        process = self.process
-
-        async def ready() -> bool:
-            assert process.returncode is None, self.log.read_text(errors="replace")
-            try:
-                async with http.get(f"{self.admin}/readyz") as response:
-                    return response.status == 200
-            except aiohttp.ClientConnectionError:
-                return False
-
-        await eventually(ready, within=15, what=f"replica {self.name}", every=0.05)
+        await wait_ready(http, self.admin, process=self.process, log=self.log)
 
     async def kill(self) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -413,8 +394,8 @@ async def test_replicas_share_one_canary_and_finish_it_when_its_leader_dies(
         leader = view["leader"] or (await canary(http, a.admin))["leader"]
         # The weight a command set through one replica reaches the other within 1 s.
         started = asyncio.get_running_loop().time()
-        await eventually(
-            lambda: _equal(b.weight(http), 0.2), within=1.5, what="b at the canary's weight"
+        await wait_until(
+            lambda: _equal(b.weight(http), 0.2), "b at the canary's weight", within=1.5
         )
         assert asyncio.get_running_loop().time() - started < 1.0
 
@@ -422,13 +403,13 @@ async def test_replicas_share_one_canary_and_finish_it_when_its_leader_dies(
             # Each step's weight is on both replicas within 1 s of the step starting.
             seen = await reaches(http, a.admin, "progressing", "holding")
             for step in (1, 2):
-                view = await eventually(
-                    lambda s=step: _at_step(http, a.admin, s), within=20, what=f"step {step}"
+                view = await wait_until(
+                    lambda s=step: _at_step(http, a.admin, s), f"step {step}", within=20
                 )
                 weight = view["weight"]
-                await eventually(
+                await wait_until(
                     lambda w=weight: _all_equal([a.weight(http), b.weight(http)], w),
-                    within=1.0, what=f"both replicas at weight {weight}",
+                    f"both replicas at weight {weight}", within=1.0,
                 )  # fmt: skip
             # Kill the leader: the other takes over once the lease runs out, and finishes.
             views = [await canary(http, r.admin) for r in (a, b)]
@@ -454,8 +435,8 @@ async def test_replicas_share_one_canary_and_finish_it_when_its_leader_dies(
         assert await killed.weight(http) == 0.8
         status, _ = await command(http, killed.admin, "promote")
         assert status == 200
-        await eventually(
-            lambda: _promoted(http, survivor.admin), within=2, what="the promotion on the other"
+        await wait_until(
+            lambda: _promoted(http, survivor.admin), "the promotion on the other", within=2
         )
     finally:
         for replica in (a, b):
@@ -513,7 +494,7 @@ async def test_a_reload_keeps_the_canary_and_a_new_challenger_starts_it_over(
             view = await canary(http, gateway)
             return view if view["canary_id"] != before["canary_id"] else None
 
-        again = await eventually(restarted, within=5, what="the canary to start over")
+        again = await wait_until(restarted, "the canary to start over")
     assert again["challenger"] == "v3" and again["step"] == 0
     assert any(h["reason"] == "challenger_changed" for h in again["history"])
     assert again["counts"]["canary"]["challenger"]["requests"] < 10**6  # its own counts
@@ -531,9 +512,7 @@ async def test_a_dead_state_store_stops_no_request_and_the_canary_resumes(
     gateway = await start_gateway(document)
     await command(http, gateway, "start")
     async with traffic(http, gateway) as statuses:
-        await eventually(
-            lambda: _at_step(http, admin_url(gateway, ""), 1), within=15, what="step 2"
-        )
+        await wait_until(lambda: _at_step(http, admin_url(gateway, ""), 1), "step 2", within=15)
         await asyncio.to_thread(private_redis.stop)
         served = len(statuses)
         async with http.get(admin_url(gateway, "/api/v1/routes/m/canary")) as response:
@@ -541,15 +520,13 @@ async def test_a_dead_state_store_stops_no_request_and_the_canary_resumes(
             assert (await response.json())["error"]["code"] == "state_store_unavailable"
         status, body = await command(http, gateway, "pause")
         assert status == 503 and body["error"]["code"] == "state_store_unavailable"
-        await eventually(
-            lambda: _true(len(statuses) > served + 50), within=5, what="requests during the outage"
-        )
+        await wait_until(lambda: len(statuses) > served + 50, "requests during the outage")
         assert gateway.routes["m"].weight == 0.4  # the weight stays where the canary put it
         await asyncio.to_thread(private_redis.start)  # empty: it keeps nothing on disk
         # With the store back (and its canary state gone with it), the gateway answers
         # again, and the canary can be started afresh.
-        view = await eventually(
-            lambda: _view_if_up(http, gateway), within=10, what="the canary view to answer"
+        view = await wait_until(
+            lambda: _view_if_up(http, gateway), "the canary view to answer", within=10
         )
         assert view["state"] == "idle"
         status, restarted = await command(http, gateway, "start")

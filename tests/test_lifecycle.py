@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -14,7 +13,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.conftest import StartApp
 from tests.helpers.ports import free_port
-from tests.support import gateway_document, spawn_gateway
+from tests.helpers.waiting import wait_until
+from tests.support import gateway_document, spawn_gateway, wait_ready
 
 
 async def _in_flight(session: aiohttp.ClientSession, admin: str) -> float:
@@ -27,16 +27,11 @@ async def _in_flight(session: aiohttp.ClientSession, admin: str) -> float:
     return total
 
 
-async def _wait_until_up(session: aiohttp.ClientSession, admin: str, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        try:
-            async with session.get(f"{admin}/readyz") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientConnectionError:
-            pass
-        await asyncio.sleep(0.05)
-    raise AssertionError("gateway did not become ready")
+async def _wait_in_flight(session: aiohttp.ClientSession, admin: str, n: int) -> None:
+    async def in_flight() -> bool:
+        return await _in_flight(session, admin) >= n
+
+    await wait_until(in_flight, f"{n} requests in flight", within=10, every=0.05)
 
 
 async def _gateway_in_front_of(
@@ -73,7 +68,7 @@ async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
     try:
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
-            await _wait_until_up(session, admin, time.monotonic() + 15)
+            await wait_ready(session, admin, process=process)
 
             async def call(i: int) -> tuple[int, str]:
                 url = f"http://127.0.0.1:{port}/slow"
@@ -81,10 +76,7 @@ async def test_sigterm_lets_30_slow_requests_finish_then_exits_0(
                     return response.status, (await response.json())["ok"]
 
             calls = [asyncio.create_task(call(i)) for i in range(30)]
-            deadline = time.monotonic() + 10
-            while await _in_flight(session, admin) < 30:
-                assert time.monotonic() < deadline, "requests never got in flight"
-                await asyncio.sleep(0.05)
+            await _wait_in_flight(session, admin, 30)
             process.send_signal(signal.SIGTERM)
             results = await asyncio.wait_for(asyncio.gather(*calls), timeout=15)
         assert sorted(results) == sorted((200, f"slow-{i}") for i in range(30))
@@ -108,24 +100,21 @@ async def test_sigterm_stops_accepting_new_connections(start_app: StartApp, tmp_
     process, port, admin = await _gateway_in_front_of(slow, start_app, tmp_path, capture=False)
     try:
         async with aiohttp.ClientSession() as session:
-            await _wait_until_up(session, admin, time.monotonic() + 15)
+            await wait_ready(session, admin, process=process)
             pending = asyncio.create_task(session.post(f"http://127.0.0.1:{port}/slow"))
-            deadline = time.monotonic() + 10
-            while await _in_flight(session, admin) < 1:
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.05)
+            await _wait_in_flight(session, admin, 1)
             process.send_signal(signal.SIGTERM)
+
             # Once the listener is closed, new connections are refused.
-            deadline = time.monotonic() + 5
-            refused = False
-            while time.monotonic() < deadline and not refused:
+            async def refused() -> bool:
                 try:
                     _, writer = await asyncio.open_connection("127.0.0.1", port)
-                    writer.close()
-                    await asyncio.sleep(0.05)
                 except OSError:
-                    refused = True
-            assert refused
+                    return True
+                writer.close()
+                return False
+
+            await wait_until(refused, "new connections to be refused", every=0.05)
             release.set()
             response = await asyncio.wait_for(pending, timeout=10)
             assert response.status == 200

@@ -16,21 +16,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.app import Gateway
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.apps import catch_all_app, named_app
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.support import admin_url, gateway_document, proxy_url
 
 SLOW_TIMEOUT = 0.3
 
 Labels = tuple[str, ...]
-
-
-def named_app(name: str) -> web.Application:
-    async def answer(request: web.Request) -> web.Response:
-        return web.json_response({"backend": name})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    return app
 
 
 @pytest.fixture
@@ -49,9 +42,7 @@ def held_app(release: asyncio.Event) -> web.Application:
             await asyncio.wait_for(release.wait(), 10)
         return web.json_response({"backend": "slow"})
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", answer)
-    return app
+    return catch_all_app(answer)
 
 
 class Scrape:
@@ -92,16 +83,17 @@ async def scrape_when(
     http: aiohttp.ClientSession,
     gateway: Gateway,
     settled: Callable[[Scrape], object],
+    what: str,
     deadline: float = 5.0,
 ) -> Scrape:
     """Scrape until ``settled(scrape)`` holds: the gateway records an answer right after
     sending its last byte, which the client may see a moment earlier."""
-    until = time.monotonic() + deadline
-    while True:
+
+    async def settled_scrape() -> Scrape | None:
         result = await scrape(http, gateway)
-        if settled(result) or time.monotonic() > until:
-            return result
-        await asyncio.sleep(0.01)
+        return result if settled(result) else None
+
+    return await wait_until(settled_scrape, what, within=deadline)
 
 
 async def start_metrics_gateway(
@@ -165,7 +157,7 @@ async def test_exact_counts_after_a_known_sequence(
         total = sum(s.values("gateway_requests_total", "route", "variant", "code").values())
         return total == 14 and not s.nonzero("gateway_requests_in_flight", "route", "variant")
 
-    s = await scrape_when(http, gateway, settled)
+    s = await scrape_when(http, gateway, settled, "all 14 answers counted, none in flight")
 
     assert s.types["gateway_requests"] == "counter"
     assert s.types["gateway_request_duration_seconds"] == "histogram"
@@ -231,7 +223,10 @@ async def test_in_flight_counts_a_held_request(
     pending = asyncio.create_task(call())
     try:
         s = await scrape_when(
-            http, gateway, lambda s: s.nonzero("gateway_requests_in_flight", "route", "variant")
+            http,
+            gateway,
+            lambda s: s.nonzero("gateway_requests_in_flight", "route", "variant"),
+            "a request in flight",
         )
         assert s.nonzero("gateway_requests_in_flight", "route", "variant") == {
             ("slow", "champion"): 1
@@ -245,7 +240,10 @@ async def test_in_flight_counts_a_held_request(
             pending.cancel()
             await asyncio.gather(pending, return_exceptions=True)
     s = await scrape_when(
-        http, gateway, lambda s: not s.nonzero("gateway_requests_in_flight", "route", "variant")
+        http,
+        gateway,
+        lambda s: not s.nonzero("gateway_requests_in_flight", "route", "variant"),
+        "no request in flight",
     )
     assert not s.nonzero("gateway_requests_in_flight", "route", "variant")
     assert s.values("gateway_requests_total", "route", "variant", "code") == {

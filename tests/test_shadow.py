@@ -25,6 +25,7 @@ from gateway.app import Gateway
 from gateway.core.stats import ShadowOutcome
 from tests.conftest import StartApp, StartGateway
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.shadow_support import (
     BlackHole,
     Recorder,
@@ -42,7 +43,6 @@ from tests.shadow_support import (
     shadow_report,
     status_app,
     tfserving_app,
-    wait_until,
 )
 from tests.support import gateway_document, proxy_url
 

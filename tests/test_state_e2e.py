@@ -23,10 +23,10 @@ from tests.e2e_support import (
     CLIENT_TIMEOUT,
     UsageServer,
     admin_json,
-    eventually,
     running_gateway,
 )
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
@@ -164,8 +164,7 @@ async def test_weight_set_on_one_redis_replica_is_served_by_the_other_within_1s(
         async def applied(other: Gateway = other, weight: float = weight) -> bool:
             return await served_weight(http, other) == weight
 
-        await eventually(applied, within=3, what=f"weight {weight} on the other replica",
-                         every=0.005)  # fmt: skip
+        await wait_until(applied, f"weight {weight} on the other replica", within=3, every=0.005)
         delays.append(time.monotonic() - started)  # from the PUT being sent
 
     # And served, not only shown: all traffic through B moves to the challenger.
@@ -176,7 +175,7 @@ async def test_weight_set_on_one_redis_replica_is_served_by_the_other_within_1s(
     async def routed() -> bool:
         return await variants(http, b, 1) == {"challenger": 1}
 
-    await eventually(routed, within=3, what="B routing to the challenger", every=0.005)
+    await wait_until(routed, "B routing to the challenger", within=3, every=0.005)
     routed_delay = time.monotonic() - started
     assert await variants(http, b) == {"challenger": 20}
     assert max(delays) < 1.0 and routed_delay < 1.0, (delays, routed_delay)
@@ -218,7 +217,7 @@ async def test_weight_put_while_the_redis_store_is_down_applies_locally(
     async def healthy() -> bool:
         return (await state_view(http, gateway))["status"] == "ok"
 
-    await eventually(healthy, within=5, what="the state store healthy again")
+    await wait_until(healthy, "the state store healthy again", within=5)
     await asyncio.sleep(0.6)  # two revision polls: the watcher must not undo the weight
     assert await served_weight(http, gateway) == 1.0
     status, body, _ = await put_weight(http, gateway, 0.0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +12,8 @@ import pytest
 from gateway.store import StateStore, StoreError, open_store, watch_revisions
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
+from tests.helpers.clock import FakeClock
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
@@ -19,14 +21,6 @@ from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     private_redis,
     redis_prefix,
 )
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture(params=["embedded", "redis"])
@@ -154,10 +148,11 @@ async def test_redis_ttl(redis_prefix: str) -> None:  # noqa: F811
         await s.put("lease", {"owner": "a"}, ttl=0.2)
         await s.put("keep", {"x": 1}, ttl=0.2)
         await s.put("keep", {"x": 2})  # a write without ttl makes it permanent again
-        deadline = time.monotonic() + 5
-        while await s.get("lease") is not None:
-            assert time.monotonic() < deadline, "lease never expired"
-            await asyncio.sleep(0.05)
+
+        async def lease_gone() -> bool:
+            return await s.get("lease") is None
+
+        await wait_until(lease_gone, "the lease to expire", within=5, every=0.05)
         assert [e.key for e in await s.scan_prefix("")] == ["keep"]
         assert await s.compare_and_set("lease", None, {"owner": "b"}) is not None
     finally:
@@ -233,15 +228,6 @@ async def test_open_store_factory(tmp_path: Path, redis_prefix: str) -> None:  #
 # -- Redis: change propagation and outages -----------------------------------------------
 
 
-async def wait_until(predicate: Callable[[], object], within: float, what: str) -> float:
-    start = time.monotonic()
-    while not predicate():
-        if time.monotonic() - start > within:
-            raise AssertionError(f"timed out after {within}s waiting for {what}")
-        await asyncio.sleep(0.01)
-    return time.monotonic() - start
-
-
 async def test_change_on_one_replica_reaches_the_other_within_a_second(
     redis_prefix: str,  # noqa: F811
 ) -> None:
@@ -256,12 +242,13 @@ async def test_change_on_one_replica_reaches_the_other_within_a_second(
 
     task = asyncio.create_task(follow())
     try:
-        await wait_until(lambda: "weight" in seen, 2, "first revision")
+        await wait_until(lambda: "weight" in seen, "first revision", within=2)
+        started = time.monotonic()
         await a.put("routes/r/weight", {"challenger_weight": 0.4})
-        took = await wait_until(
-            lambda: seen.get("weight") == {"challenger_weight": 0.4}, 1.0, "propagation"
+        await wait_until(
+            lambda: seen.get("weight") == {"challenger_weight": 0.4}, "propagation", within=1.0
         )
-        assert took < 1.0
+        assert time.monotonic() - started < 1.0
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -300,7 +287,7 @@ async def test_watch_survives_backend_errors(private_redis: RedisServer) -> None
     task = asyncio.create_task(follow())
     try:
         before = await s.put("k", {})
-        await wait_until(lambda: seen[-1:] == [before], 2, "first revision")
+        await wait_until(lambda: seen[-1:] == [before], "first revision", within=2)
         private_redis.stop()
         await asyncio.sleep(0.1)  # let the watcher hit the outage a few times
         assert not task.done()
@@ -309,7 +296,7 @@ async def test_watch_survives_backend_errors(private_redis: RedisServer) -> None
         # or a watcher could mistake new state for state it has already loaded.
         after = await s.put("k", {})
         assert after > before
-        await wait_until(lambda: seen[-1:] == [after], 2, "revision after restart")
+        await wait_until(lambda: seen[-1:] == [after], "revision after restart", within=2)
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)

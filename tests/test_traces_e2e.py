@@ -14,10 +14,8 @@ import logging
 import math
 import signal
 import sys
-import tempfile
 import time
 import types
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -31,7 +29,7 @@ import redis.asyncio as aioredis
 import yaml
 
 from gateway.core.trace import merge, serialize, trace_key, window_end
-from tests.aibrix.loader import load_reader_module
+from tests.aibrix.fixtures import aibrix_model, forget_writer, load_reader  # noqa: F401  (fixtures)
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (
     CHAT_PATH,
@@ -45,13 +43,14 @@ from tests.e2e_support import (
     bucket_totals,
     chat,
     decode_traces,
-    eventually,
     expected_buckets,
     meta_sum,
     redis_traces,
     trace_writes,
 )
+from tests.helpers.clock import FakeClock
 from tests.helpers.ports import free_port
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
@@ -61,7 +60,7 @@ from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     redis_prefix,
     shared_redis,
 )
-from tests.support import gateway_document, proxy_url
+from tests.support import gateway_document, log_text, proxy_url, wait_ready
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -138,7 +137,7 @@ async def wait_written(
         done = sum(bucket_totals(traces).values())
         return raw if meta_sum(traces) == total and done == finished else None
 
-    return await eventually(check, within=within, what=f"{model}: {total} requests in Redis")
+    return await wait_until(check, f"{model}: {total} requests in Redis", within=within)
 
 
 async def assert_redis_matches_gateway_view(
@@ -253,11 +252,11 @@ async def test_proxied_requests_are_timed_on_the_writers_clock(
     assert tracer is not None
     await tracer.stop(flush_open=False)  # no background cycle: this test moves the clock
     t0 = 2_000_000_000  # far from the real time; windows of 1 s
-    now = [t0 + 0.5]
-    tracer.clock = lambda: now[0]
+    clock = FakeClock(t0 + 0.5)
+    tracer.clock = clock
 
     def step(seconds: float) -> None:
-        now[0] += seconds
+        clock.advance(seconds)
         tracer.refresh_perf_offset()  # what each background cycle does
 
     step(0)
@@ -284,25 +283,6 @@ async def test_proxied_requests_are_timed_on_the_writers_clock(
 # ---------------------------------------------------------------- AIBrix's reader
 
 
-@pytest.fixture(scope="module")
-def load_reader(request: pytest.FixtureRequest) -> types.ModuleType:
-    cache = getattr(request.config, "cache", None)
-    where = (
-        cache.mkdir("aibrix-wheel")
-        if cache is not None
-        else Path(tempfile.gettempdir()) / "model-gateway-aibrix-wheel"
-    )
-    return load_reader_module(where)
-
-
-@pytest.fixture
-def aibrix_model() -> Iterator[str]:
-    """The reader hard-codes the ``aibrix:`` prefix: a model name nobody else uses."""
-    name = f"gwtest-{uuid.uuid4().hex[:12]}"
-    yield name
-    delete_prefix(SHARED_REDIS_URL, f"aibrix:{name}_request_trace_*")
-
-
 def reader_counts(records: list[Any]) -> Counter[str]:
     counts: Counter[str] = Counter()
     for record in records:
@@ -312,8 +292,8 @@ def reader_counts(records: list[Any]) -> Counter[str]:
 
 
 async def test_aibrix_gateway_load_reader_reads_proxied_traffic(
-    load_reader: types.ModuleType,
-    aibrix_model: str,
+    load_reader: types.ModuleType,  # noqa: F811
+    aibrix_model: str,  # noqa: F811
     usage_server: tuple[UsageServer, str],
     start_gateway: StartGateway,
     http: aiohttp.ClientSession,
@@ -363,26 +343,10 @@ async def test_aibrix_gateway_load_reader_reads_proxied_traffic(
         assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
     finally:
         sync.close()
-        delete_prefix(SHARED_REDIS_URL, f"aibrix:gateway_trace_write:{gateway.tracer.writer_id}:*")
+        forget_writer(gateway.tracer.writer_id)
 
 
 # ---------------------------------------------------------------- acceptance 4
-
-
-def _text(path: Path) -> str:
-    return path.read_text(errors="replace")
-
-
-async def _wait_ready(http: aiohttp.ClientSession, admin: str, process: Any, log: Path) -> None:
-    async def ready() -> bool:
-        assert process.returncode is None, _text(log)
-        try:
-            async with http.get(f"{admin}/readyz") as response:
-                return response.status == 200
-        except aiohttp.ClientConnectionError:
-            return False
-
-    await eventually(ready, within=10, what=f"gateway at {admin}", every=0.05)
 
 
 async def test_two_gateway_processes_on_one_redis_add_up(
@@ -415,7 +379,7 @@ async def test_two_gateway_processes_on_one_redis_add_up(
                 ))  # fmt: skip
             gateways.append((f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"))
         for (_, admin), process, log in zip(gateways, processes, logs, strict=True):
-            await _wait_ready(http, admin, process, log)
+            await wait_ready(http, admin, process=process, log=log, within=10)
 
         # Both serve at once for ~2.5 windows: A answers (100, 20), B twice as many (1000, 300).
         (proxy_a, admin_a), (proxy_b, admin_b) = gateways
@@ -458,9 +422,9 @@ async def test_two_gateway_processes_on_one_redis_add_up(
             except TimeoutError:
                 process.kill()
                 await process.wait()
-                raise AssertionError(f"gateway did not stop:\n{_text(log)}") from None
-            assert code == 0, _text(log)
-            assert "Traceback" not in _text(log), _text(log)
+                raise AssertionError(f"gateway did not stop:\n{log_text(log)}") from None
+            assert code == 0, log_text(log)
+            assert "Traceback" not in log_text(log), log_text(log)
 
 
 # ---------------------------------------------------------------- acceptance 5
@@ -504,20 +468,18 @@ async def test_redis_outage_under_load_loses_no_request_and_no_window(
 
     workers = [asyncio.create_task(worker()) for _ in range(4)]
     try:
-        await eventually(lambda: _ok_writes(http, gateway, 1), within=4, what="a first write")
+        await wait_until(lambda: _ok_writes(http, gateway, 1), "a first write", within=4)
         ok_before = (await trace_writes(http, gateway))["ok"]
         await asyncio.to_thread(persistent_redis.stop)
         down_at = time.time()
-        await eventually(lambda: _errors(http, gateway), within=4, what="a failed write")
+        await wait_until(lambda: _errors(http, gateway), "a failed write", within=4)
         # Load goes on through at least three whole windows with Redis gone.
         back_at = math.ceil(down_at) + 3 + 0.1
         await asyncio.sleep(max(0.0, back_at - time.time()))
         await asyncio.to_thread(persistent_redis.start)
         up_at = time.time()
-        await eventually(
-            lambda: _ok_writes(http, gateway, ok_before + 1),
-            within=4,
-            what="writes succeeding again",
+        await wait_until(
+            lambda: _ok_writes(http, gateway, ok_before + 1), "writes succeeding again", within=4
         )
         await asyncio.sleep(0.5)  # a little more load after the restart
     finally:
@@ -615,7 +577,7 @@ async def _measured_run(
     started = time.monotonic()
     # Spread over a few windows, so the per-window cost shows as such.
     await _load(http, proxy_url(gateway), n, spread=2.5)
-    await eventually(lambda: _flushed(http, gateway, "m"), within=5, what="windows written")
+    await wait_until(lambda: _flushed(http, gateway, "m"), "windows written", within=5)
     stats = _server_commands(server)
     elapsed = time.monotonic() - started
     windows = int((await trace_writes(http, gateway))["ok"] - ok0)
@@ -625,8 +587,8 @@ async def _measured_run(
 async def _warm_up(http: aiohttp.ClientSession, gateway: Any) -> None:
     """Connections, handshakes and SCRIPT LOAD happen once, before counting."""
     await _load(http, proxy_url(gateway), 3, 3)
-    await eventually(lambda: _ok_writes(http, gateway, 1), within=4, what="a first write")
-    await eventually(lambda: _flushed(http, gateway, "m"), within=4, what="windows written")
+    await wait_until(lambda: _ok_writes(http, gateway, 1), "a first write", within=4)
+    await wait_until(lambda: _flushed(http, gateway, "m"), "windows written", within=4)
 
 
 async def test_redis_commands_per_proxied_request(
@@ -730,7 +692,7 @@ async def test_shadow_calls_are_load_on_their_target(
         _, report = await admin_json(http, gateway, "/api/v1/routes/r/shadow")
         return report["in_flight"] == 0 and sum(report["outcomes"].values()) == n
 
-    await eventually(shadows_done, within=5, what="every shadow call finished")
+    await wait_until(shadows_done, "every shadow call finished", within=5)
     assert challenger.shadow_calls == n and challenger.calls == n  # all of it mirrored
     assert await _all_traced(http, gateway, "champ") == (n, expected_buckets(u for u, _ in plan))
     assert await _all_traced(http, gateway, "chal-v2") == (n, Counter({bucket_pair(40, 7): n}))
@@ -767,7 +729,7 @@ async def test_admin_traces_api_shapes(
         _, view = await admin_json(http, gateway, "/api/v1/traces/foo")
         return view if view["current"] is None and view["windows"] else None
 
-    view = await eventually(closed, within=4, what="the windows to close")
+    view = await wait_until(closed, "the windows to close", within=4)
     assert set(view) == {"model", "pending", "current", "windows"}
     assert view["model"] == "foo" and view["pending"] == 0
     for window in view["windows"]:

@@ -12,6 +12,8 @@ import redis.asyncio as aioredis
 
 from gateway.core.trace import merge, serialize, trace_key, window_end
 from gateway.tracing import MERGE_SCRIPT, TraceWriter
+from tests.helpers.clock import FakeClock
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
@@ -23,14 +25,6 @@ from tests.redis_fixtures import (  # noqa: F401  (fixtures)
 
 INTERVAL = 10
 T0 = 1_700_000_000.0  # a window start (multiple of INTERVAL)
-
-
-class FakeClock:
-    def __init__(self, now: float = T0 + 1) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def writer(
@@ -63,7 +57,7 @@ def run(w: TraceWriter, clock: FakeClock, n: int, model: str, tokens: tuple[int,
 async def test_window_key_holds_exactly_what_was_counted(
     shared_redis: aioredis.Redis, redis_prefix: str  # noqa: F811
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(shared_redis, redis_prefix, clock)
     run(w, clock, 3, "llama", (100, 20))  # 66:43
     run(w, clock, 2, "llama", (1000, 1000))  # 100:100
@@ -99,7 +93,7 @@ async def test_window_key_holds_exactly_what_was_counted(
 
 async def test_two_replicas_writing_one_window_add_up(redis_prefix: str) -> None:  # noqa: F811
     clients = [fast_client(SHARED_REDIS_URL), fast_client(SHARED_REDIS_URL)]
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     try:
         a, _ = writer(clients[0], redis_prefix, clock)
         b, _ = writer(clients[1], redis_prefix, clock)
@@ -155,7 +149,7 @@ async def test_redis_outage_keeps_windows_and_writes_them_with_remaining_ttl(
     private_redis: RedisServer,  # noqa: F811
 ) -> None:
     client = fast_client(private_redis.url)
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(client, "aibrix", clock, ttl=35)
     try:
         private_redis.stop()
@@ -194,7 +188,7 @@ async def test_redis_outage_keeps_windows_and_writes_them_with_remaining_ttl(
 async def test_background_loop_writes_within_500ms_of_the_boundary(
     shared_redis: aioredis.Redis, redis_prefix: str  # noqa: F811
 ) -> None:
-    w, outcomes = writer(shared_redis, redis_prefix, FakeClock(), interval=1)
+    w, outcomes = writer(shared_redis, redis_prefix, FakeClock(T0 + 1), interval=1)
     w.clock = time.time  # real time for this one
     w.start()
     try:
@@ -202,9 +196,12 @@ async def test_background_loop_writes_within_500ms_of_the_boundary(
         w.done(h, 5, 5)
         end = window_end(time.time(), 1)
         key = trace_key(redis_prefix, "m", end)
-        while await shared_redis.get(key) is None:
-            assert time.time() < end + 3, "window never written"
-            await asyncio.sleep(0.005)
+
+        async def written() -> bool:
+            return await shared_redis.get(key) is not None
+
+        left = end + 3 - time.time()
+        await wait_until(written, f"the window ending at {end}", within=left, every=0.005)
         assert time.time() - end < 0.5
         assert outcomes["ok"] == 1
     finally:
@@ -214,7 +211,7 @@ async def test_background_loop_writes_within_500ms_of_the_boundary(
 async def test_stop_writes_the_open_window(
     shared_redis: aioredis.Redis, redis_prefix: str  # noqa: F811
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, _ = writer(shared_redis, redis_prefix, clock)
     w.start()
     run(w, clock, 4, "m", (2, 2))
@@ -230,7 +227,7 @@ async def test_redis_commands_are_per_window_not_per_request(
     private_redis: RedisServer,  # noqa: F811
 ) -> None:
     client = fast_client(private_redis.url)
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(client, "aibrix", clock)
     try:
         async def windows(requests_per_window: int) -> dict[str, int]:
@@ -303,7 +300,7 @@ async def test_many_models_windows_are_written_in_a_few_round_trips(
     models = 250
     async with SlowLink(6379, delay=0.02) as url:
         client = fast_client(url)
-        clock = FakeClock()
+        clock = FakeClock(T0 + 1)
         w, outcomes = writer(client, redis_prefix, clock)
         try:
             await client.ping()  # the handshake's round trips out of the way
@@ -332,7 +329,7 @@ async def test_windows_redis_refuses_wait_and_are_written_once(
     private_redis: RedisServer,  # noqa: F811
 ) -> None:
     client = fast_client(private_redis.url)
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(client, "aibrix", clock)
     end = int(T0) + INTERVAL
     try:
@@ -358,7 +355,7 @@ async def test_windows_redis_refuses_wait_and_are_written_once(
 async def test_a_key_of_another_type_is_replaced_not_stuck(
     shared_redis: aioredis.Redis, redis_prefix: str  # noqa: F811
 ) -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(shared_redis, redis_prefix, clock)
     key = trace_key(redis_prefix, "m", int(T0) + INTERVAL)
     await shared_redis.rpush(key, "not a trace")
@@ -374,7 +371,7 @@ async def test_a_key_of_another_type_is_replaced_not_stuck(
 
 
 async def test_recent_windows_without_redis() -> None:
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, outcomes = writer(None, "aibrix", clock, recent_windows=3)
     for i in range(5):
         run(w, clock, i + 1, "m", (2, 2))
@@ -398,7 +395,7 @@ async def test_recent_windows_without_redis() -> None:
 async def test_perf_offset_turns_perf_counter_into_the_writers_clock() -> None:
     """The proxy's trace times are its perf_counter() readings plus perf_offset: they
     must read as the writer's clock, and follow it when the wall clock steps."""
-    clock = FakeClock()
+    clock = FakeClock(T0 + 1)
     w, _ = writer(None, "p", clock)
     assert abs(time.perf_counter() + w.perf_offset - clock.now) < 0.05
     clock.now += 3600  # the wall clock steps; the next cycle's flush picks it up

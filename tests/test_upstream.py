@@ -8,17 +8,10 @@ import pytest
 
 from gateway.config import BackendConfig
 from gateway.upstream.pool import EJECT_AFTER_FAILURES, EJECTION_SECONDS, BackendPool
+from tests.helpers.clock import FakeClock
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def pool(strategy: str, endpoints: int, clock: Clock) -> BackendPool:
+def pool(strategy: str, endpoints: int, clock: FakeClock) -> BackendPool:
     urls = [f"http://127.0.0.1:{9000 + i}" for i in range(endpoints)]
     config = BackendConfig(endpoints=urls, load_balancing=strategy)  # type: ignore[arg-type]
     return BackendPool.from_config("b", config, clock)
@@ -26,7 +19,7 @@ def pool(strategy: str, endpoints: int, clock: Clock) -> BackendPool:
 
 @pytest.mark.parametrize("strategy", ["round_robin", "random", "least_request"])
 def test_every_endpoint_gets_traffic(strategy: str) -> None:
-    p = pool(strategy, 4, Clock())
+    p = pool(strategy, 4, FakeClock())
     seen = Counter()
     for _ in range(400):
         endpoint = p.pick()
@@ -38,7 +31,7 @@ def test_every_endpoint_gets_traffic(strategy: str) -> None:
 
 
 def test_least_request_prefers_the_idlest() -> None:
-    p = pool("least_request", 3, Clock())
+    p = pool("least_request", 3, FakeClock())
     p.endpoints[0].active, p.endpoints[1].active, p.endpoints[2].active = 5, 1, 3
     picks = Counter(id(p.pick()) for _ in range(900))
     busiest, idlest, middle = (picks[id(e)] for e in p.endpoints)
@@ -49,7 +42,7 @@ def test_least_request_prefers_the_idlest() -> None:
 
 @pytest.mark.parametrize("strategy", ["round_robin", "random", "least_request"])
 def test_failing_endpoint_is_ejected_then_returns(strategy: str) -> None:
-    clock = Clock()
+    clock = FakeClock()
     p = pool(strategy, 3, clock)
     bad = p.endpoints[1]
     for _ in range(EJECT_AFTER_FAILURES - 1):
@@ -64,7 +57,7 @@ def test_failing_endpoint_is_ejected_then_returns(strategy: str) -> None:
 
 
 def test_success_resets_the_failure_count() -> None:
-    p = pool("round_robin", 2, Clock())
+    p = pool("round_robin", 2, FakeClock())
     bad = p.endpoints[0]
     for _ in range(EJECT_AFTER_FAILURES - 1):
         p.failed(bad)
@@ -74,7 +67,7 @@ def test_success_resets_the_failure_count() -> None:
 
 
 def test_all_ejected_means_no_endpoint_and_a_lone_endpoint_is_never_ejected() -> None:
-    clock = Clock()
+    clock = FakeClock()
     p = pool("round_robin", 2, clock)
     for endpoint in p.endpoints:
         for _ in range(EJECT_AFTER_FAILURES):
@@ -99,14 +92,14 @@ def test_endpoint_keeps_its_base_path_and_the_raw_target() -> None:
 def test_random_draws_are_uniform_and_distinct_pairs_cover_every_endpoint(strategy: str) -> None:
     """With equal load every endpoint is picked about equally often: least_request's
     second draw must not favour the neighbour of the first."""
-    p = pool(strategy, 5, Clock())
+    p = pool(strategy, 5, FakeClock())
     picks = Counter(p.pick().base for _ in range(20_000))  # type: ignore[union-attr]
     assert len(picks) == 5
     assert max(picks.values()) / min(picks.values()) < 1.15, picks
 
 
 def test_least_request_never_compares_an_endpoint_with_itself() -> None:
-    p = pool("least_request", 2, Clock())
+    p = pool("least_request", 2, FakeClock())
     busy, idle = p.endpoints
     busy.active = 9
     # Two endpoints: the pair is always both, so the idle one always wins.
@@ -138,7 +131,7 @@ def test_least_request_draws_every_pair_equally_often(monkeypatch: pytest.Monkey
         for value in ((a + 0.5) / n, (b + 0.5) / (n - 1))
     )
     monkeypatch.setattr("gateway.upstream.pool._random", lambda: next(draws))
-    p = pool("least_request", n, Clock())
+    p = pool("least_request", n, FakeClock())
     log: list[int] = []
     p.endpoints = [CompareSpy(m, log) for m in range(n)]  # type: ignore[misc]
     for _ in range(n * (n - 1)):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import time
 from pathlib import Path
 
 import aiohttp
@@ -14,8 +13,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.metrics import SYNC_SECONDS
 from tests.conftest import StartApp
+from tests.helpers.apps import named_app
 from tests.helpers.ports import free_port
-from tests.support import gateway_document, named_app, spawn_gateway
+from tests.helpers.waiting import wait_until
+from tests.support import gateway_document, spawn_gateway
 
 
 def requests_total(text: str) -> dict[tuple[str, str, str], float]:
@@ -47,16 +48,16 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
         # A fresh connection per request, so the kernel spreads them over both workers.
         connector = aiohttp.TCPConnector(force_close=True)
         async with aiohttp.ClientSession(connector=connector) as session:
-            deadline = time.monotonic() + 20
-            ready = 0
-            while ready < 10:  # ten answers in a row: both workers are up
-                assert time.monotonic() < deadline, "workers did not come up"
+            ready = Streak(10)  # ten answers in a row: both workers are up
+
+            async def both_up() -> bool:
                 try:
                     async with session.get(f"{admin}/readyz") as response:
-                        ready = ready + 1 if response.status == 200 else 0
+                        return ready.add(response.status == 200)
                 except aiohttp.ClientConnectionError:
-                    ready = 0
-                    await asyncio.sleep(0.1)
+                    return ready.add(False)
+
+            await wait_until(both_up, "both workers ready", within=20, every=0.02)
 
             for i in range(200):
                 async with session.post(f"{proxy}/p", headers={"X-Request-ID": f"w-{i}"}) as r:
@@ -66,28 +67,31 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
             # SYNC_SECONDS; after that every scrape, whichever worker answers it, sees
             # exactly all 200.
             expected = {("r", "champion", "200"): 200.0}
-            deadline = time.monotonic() + 5 * SYNC_SECONDS
-            counts: dict[tuple[str, str, str], float] = {}
-            while counts != expected:
-                assert time.monotonic() < deadline, f"scrapes never added up: {counts}"
+
+            async def counts() -> dict[tuple[str, str, str], float]:
                 async with session.get(f"{admin}/metrics") as response:
-                    counts = requests_total(await response.text())
-                await asyncio.sleep(0.05)
+                    return requests_total(await response.text())
+
+            async def added_up() -> bool:
+                return await counts() == expected
+
+            await wait_until(added_up, f"scrapes adding up to {expected}",
+                             within=5 * SYNC_SECONDS, every=0.05)  # fmt: skip
             for _ in range(6):
-                async with session.get(f"{admin}/metrics") as response:
-                    assert requests_total(await response.text()) == expected
+                assert await counts() == expected
 
             # A weight set through one worker reaches the other through the state store.
             async with session.put(
                 f"{admin}/api/v1/routes/r/weight", json={"challenger_weight": 1.0}
             ) as response:
                 assert response.status == 200
-            deadline = time.monotonic() + 5
-            streak = 0
-            while streak < 20:
-                assert time.monotonic() < deadline, "the other worker never saw the weight"
+            streak = Streak(20)
+
+            async def all_to_two() -> bool:
                 async with session.post(f"{proxy}/p") as r:
-                    streak = streak + 1 if (await r.json())["backend"] == "two" else 0
+                    return streak.add((await r.json())["backend"] == "two")
+
+            await wait_until(all_to_two, "20 answers in a row from the challenger", every=0)
         process.send_signal(signal.SIGTERM)
         code = await asyncio.wait_for(process.wait(), timeout=20)
         output = (await process.stdout.read()).decode() if process.stdout else ""
@@ -98,6 +102,17 @@ async def test_two_workers_serve_and_metrics_add_up(start_app: StartApp, tmp_pat
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+class Streak:
+    """Counts outcomes in a row: ``add`` says whether the last ``length`` were all good."""
+
+    def __init__(self, length: int) -> None:
+        self.length, self.count = length, 0
+
+    def add(self, good: bool) -> bool:
+        self.count = self.count + 1 if good else 0
+        return self.count >= self.length
 
 
 def running(pid: int) -> bool:
@@ -141,10 +156,12 @@ async def test_workers_stop_when_the_supervisor_is_killed(
         process.kill()
         # Not process.wait(): before Python 3.12 it also waits for the output pipe,
         # which the workers hold open until they exit.
-        deadline = time.monotonic() + 15
-        while any(running(pid) for pid in workers):
-            assert time.monotonic() < deadline, "orphaned workers kept running"
-            await asyncio.sleep(0.1)
+        await wait_until(
+            lambda: not any(running(pid) for pid in workers),
+            "the orphaned workers to exit",
+            within=15,
+            every=0.1,
+        )
     finally:
         if process.returncode is None:
             process.kill()

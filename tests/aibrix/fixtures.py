@@ -1,0 +1,42 @@
+"""Fixtures for the tests that read traces with AIBrix's own reader. Test modules import
+the ones they use (``from tests.aibrix.fixtures import ...``), as with the Redis ones."""
+
+from __future__ import annotations
+
+import tempfile
+import types
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.aibrix.loader import load_reader_module
+from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix
+
+
+@pytest.fixture(scope="module")
+def load_reader(request: pytest.FixtureRequest) -> types.ModuleType:
+    """AIBrix's ``load_reader`` module. The wheel is kept in pytest's cache dir when it
+    is enabled (CI can keep it between runs), else under /tmp."""
+    cache = getattr(request.config, "cache", None)
+    where = (
+        cache.mkdir("aibrix-wheel")
+        if cache is not None
+        else Path(tempfile.gettempdir()) / "model-gateway-aibrix-wheel"
+    )
+    return load_reader_module(where)
+
+
+@pytest.fixture
+def aibrix_model() -> Iterator[str]:
+    """The reader hard-codes the ``aibrix:`` key prefix on the shared Redis: a model name
+    nobody else uses, whose trace keys are deleted after the test."""
+    name = f"gwtest-{uuid.uuid4().hex[:12]}"
+    yield name
+    delete_prefix(SHARED_REDIS_URL, f"aibrix:{name}_request_trace_*")
+
+
+def forget_writer(writer_id: str) -> None:
+    """Delete the write markers a trace writer left under the ``aibrix:`` prefix."""
+    delete_prefix(SHARED_REDIS_URL, f"aibrix:gateway_trace_write:{writer_id}:*")
