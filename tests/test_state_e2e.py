@@ -17,6 +17,8 @@ import orjson
 import pytest
 
 from gateway.app import Gateway
+from gateway.steering import weight_key
+from gateway.store.redis import RedisStore
 from tests.conftest import StartApp, StartGateway
 from tests.e2e_support import (
     CHAT_PATH,
@@ -30,6 +32,7 @@ from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
+    fast_client,
     private_redis,
     redis_prefix,
 )
@@ -76,8 +79,8 @@ async def put_weight(
         return response.status, await response.json(), time.monotonic() - started
 
 
-async def served_weight(http: aiohttp.ClientSession, gateway: Gateway) -> float:
-    status, view = await admin_json(http, gateway, "/api/v1/routes/r")
+async def served_weight(http: aiohttp.ClientSession, gateway: Gateway, route: str = "r") -> float:
+    status, view = await admin_json(http, gateway, f"/api/v1/routes/{route}")
     assert status == 200, view
     return float(view["challenger_weight"])
 
@@ -192,7 +195,11 @@ async def test_weight_put_while_the_redis_store_is_down_applies_locally(
     http: aiohttp.ClientSession,
 ) -> None:
     state = {"backend": "redis", "redis_url": private_redis.url, "key_prefix": "gw"}
-    gateway = await start_gateway(weights_document(upstream, 0.0, state=state))
+    document = weights_document(upstream, 0.0, state=state)
+    # A second route, whose weight another replica will store once Redis is back.
+    probe = {**document["routes"][0], "name": "probe", "match": {"path_prefix": "/probe"}}
+    document["routes"].append(probe)
+    gateway = await start_gateway(document)
     view = await state_view(http, gateway)
     assert view["backend"] == "redis" and view["status"] == "ok"
     status, body, _ = await put_weight(http, gateway, 0.2)
@@ -218,7 +225,24 @@ async def test_weight_put_while_the_redis_store_is_down_applies_locally(
         return (await state_view(http, gateway))["status"] == "ok"
 
     await wait_until(healthy, "the state store healthy again", within=5)
-    await asyncio.sleep(0.6)  # two revision polls: the watcher must not undo the weight
+    # The watcher must not undo the weight. That it has read the store since Redis came
+    # back shows when it applies a weight stored meanwhile for the other route (as
+    # another replica would store it): the same pass found no record for this route.
+    # (A gateway keeps its state under "<state.key_prefix>:state:".)
+    other_replica = RedisStore(
+        fast_client(private_redis.url), key_prefix="gw:state:", owns_client=True
+    )
+    try:
+        record = {"challenger_weight": 0.5, "config_weight": 0.0, "updated_at": time.time(),
+                  "actor": "another replica"}  # fmt: skip
+        await other_replica.put(weight_key("probe"), record)
+    finally:
+        await other_replica.close()
+
+    async def probe_applied() -> bool:
+        return await served_weight(http, gateway, "probe") == 0.5
+
+    await wait_until(probe_applied, "the watcher to apply the probe route's stored weight")
     assert await served_weight(http, gateway) == 1.0
     status, body, _ = await put_weight(http, gateway, 0.0)
     assert status == 200 and body["persisted"] is True

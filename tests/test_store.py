@@ -279,9 +279,15 @@ async def test_redis_outage_raises_store_error_and_health_reports_it(
 async def test_watch_survives_backend_errors(private_redis: RedisServer) -> None:  # noqa: F811
     s = RedisStore(fast_client(private_redis.url), key_prefix="p", owns_client=True)
     seen: list[int] = []
+    polls = 0
+
+    async def counted_sleep(seconds: float) -> None:
+        nonlocal polls
+        polls += 1  # the watcher sleeps once after each poll, failed or not
+        await asyncio.sleep(seconds)
 
     async def follow() -> None:
-        async for rev in watch_revisions(s, interval=0.02):
+        async for rev in watch_revisions(s, interval=0.02, sleep=counted_sleep):
             seen.append(rev)
 
     task = asyncio.create_task(follow())
@@ -289,7 +295,10 @@ async def test_watch_survives_backend_errors(private_redis: RedisServer) -> None
         before = await s.put("k", {})
         await wait_until(lambda: seen[-1:] == [before], "first revision", within=2)
         private_redis.stop()
-        await asyncio.sleep(0.1)  # let the watcher hit the outage a few times
+        # The poll under way when the server went may still have been answered; the
+        # ones after it all met the outage.
+        at_stop = polls
+        await wait_until(lambda: polls >= at_stop + 4, "three polls during the outage")
         assert not task.done()
         private_redis.start()
         # The restarted server lost everything; its revisions must still move forward,

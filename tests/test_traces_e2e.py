@@ -481,7 +481,11 @@ async def test_redis_outage_under_load_loses_no_request_and_no_window(
         await wait_until(
             lambda: _ok_writes(http, gateway, ok_before + 1), "writes succeeding again", within=4
         )
-        await asyncio.sleep(0.5)  # a little more load after the restart
+        # A little more load after the restart: answers to requests sent after it.
+        await wait_until(
+            lambda: sum(sent > up_at for sent, _, _ in results) >= 20,
+            "20 requests answered after the restart",
+        )
     finally:
         stop.set()
         await asyncio.wait_for(asyncio.gather(*workers), 10)
