@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 from aiohttp import web
 
 from gateway.writes import FLUSH_BYTES, BatchedServer, BatchedTransport, WriteBatch
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(20)
 WAIT_SECONDS = 5.0
@@ -63,14 +63,19 @@ def readable_now(sock: socket.socket) -> bytes:
 
 
 async def read_until(sock: socket.socket, size: int) -> bytes:
-    """At least ``size`` bytes from the peer, or what came within WAIT_SECONDS."""
-    got = b""
-    deadline = time.monotonic() + WAIT_SECONDS
-    while len(got) < size and time.monotonic() < deadline:
-        got += readable_now(sock)
-        if len(got) < size:
-            await asyncio.sleep(0.001)
-    return got
+    """At least ``size`` bytes from the peer; fails, showing what came, after
+    WAIT_SECONDS."""
+    got = bytearray()
+
+    def enough() -> bool:
+        got.extend(readable_now(sock))
+        return len(got) >= size
+
+    try:
+        await wait_until(enough, f"{size} bytes from the peer", within=WAIT_SECONDS, every=0.001)
+    except AssertionError as error:
+        raise AssertionError(f"{error}; got {bytes(got)!r}") from None
+    return bytes(got)
 
 
 def peer_closed(sock: socket.socket) -> bool:
@@ -83,12 +88,9 @@ def peer_closed(sock: socket.socket) -> bool:
 
 
 async def until_closed(sock: socket.socket) -> bool:
-    deadline = time.monotonic() + WAIT_SECONDS
-    while time.monotonic() < deadline:
-        if peer_closed(sock):
-            return True
-        await asyncio.sleep(0.001)
-    return False
+    return await wait_until(
+        lambda: peer_closed(sock), "the peer to see the close", within=WAIT_SECONDS, every=0.001
+    )
 
 
 async def test_a_pass_first_write_goes_at_once_the_rest_wait_for_its_end(
