@@ -14,7 +14,7 @@ to wake a halted CPU: at one connection that added 20 us per write to the latenc
 
 Measured on a 2-vCPU VM, split + traces, paired against the same code writing at once:
 +12 % requests/s (holding every write, the first too: +18 %, and +40 us at one
-connection; README, Performance).
+connection; bench/README.md, "What the hot path does").
 
 What a caller sees is the same as writing at once, a little later:
 

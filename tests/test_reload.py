@@ -161,3 +161,18 @@ async def _post(
 ) -> tuple[int, Any]:
     async with http.post(url, data=body, headers={"X-Request-ID": request_id}) as response:
         return response.status, await response.json(content_type=None)
+
+
+async def test_reload_of_a_gateway_started_without_a_file_is_a_json_409(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    upstream = await start_app(tfserving_app(Recorder()))
+    gateway = await start_gateway(
+        gateway_document(
+            {"one": {"url": upstream}},
+            [{"name": "a", "match": {"path_prefix": "/a"}, "champion": "one"}],
+        )
+    )  # like `gateway demo`: built from a document, not read from a file
+    async with http.post(admin_url(gateway, "/api/v1/reload")) as response:
+        assert response.status == 409
+        assert (await response.json())["error"]["code"] == "no_config_file"

@@ -1,4 +1,4 @@
-"""The admin API (the contract's section 3), a module per resource."""
+"""The admin API, a module per resource."""
 
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ the bearer-token check."""
 from __future__ import annotations
 
 import hmac
+import logging
 from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import Any, Protocol
 
 import orjson
@@ -46,10 +48,15 @@ class AdminTarget(Protocol):
     @property
     def shadow_runner(self) -> ShadowRunner | None: ...
 
+    @property
+    def config_path(self) -> Path | None: ...
+
     async def state_health(self) -> dict[str, Any]: ...
 
     async def reload(self) -> None: ...
 
+
+log = logging.getLogger("gateway.admin")
 
 TARGET = web.AppKey("target", AdminTarget)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -90,7 +97,8 @@ def auth_middleware(token: str) -> Middleware:
 
 @web.middleware
 async def json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """aiohttp's own 404/405 pages become JSON errors like every other admin answer."""
+    """aiohttp's own 404/405 pages become JSON errors like every other admin answer, and
+    so does a handler's bug: logged with its traceback, answered 500 without it."""
     try:
         return await handler(request)
     except web.HTTPException as error:
@@ -98,3 +106,6 @@ async def json_errors(request: web.Request, handler: Handler) -> web.StreamRespo
             raise
         code = error.reason.lower().replace(" ", "_")
         return json_error(error.status, code, f"{request.method} {request.path}: {error.reason}")
+    except Exception:
+        log.exception("admin %s %s failed", request.method, request.path)
+        return json_error(500, "internal_error", f"{request.method} {request.path} failed")

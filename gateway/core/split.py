@@ -1,7 +1,7 @@
 """Deterministic champion/challenger split.
 
-The contract (DESIGN section 1, step 3) is published so that other implementations can
-reproduce it bit for bit:
+The rule is published (the README, "How a request is handled") so that other
+implementations can reproduce it bit for bit:
 
     bucket = fnv1a_64(utf8(salt + key)) mod 10000
     challenger  iff  bucket < threshold(challenger_weight)

@@ -1,4 +1,4 @@
-"""Request traces in the AIBrix v3 layout (DESIGN section 5), as pure bookkeeping.
+"""Request traces in the AIBrix v3 layout, as pure bookkeeping.
 
 Nothing here reads a clock or does I/O: callers pass the time in as float seconds since
 the epoch, and the shell (``gateway.tracing``) ships the finished windows to Redis.

@@ -1,4 +1,4 @@
-"""The one request pipeline (the contract's section 1), one step per module:
+"""The one request pipeline, one step per module:
 
     route.py    1. Route     the route a request belongs to (its path, headers, body model)
     split.py    2-3. Key and Split   the sticky key and the variant it falls on
