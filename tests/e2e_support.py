@@ -314,5 +314,5 @@ class PersistentRedisServer(RedisServer):
                 "--dir", str(self.dir)]  # fmt: skip
 
     def cleanup(self) -> None:
-        self.stop()
+        super().cleanup()
         shutil.rmtree(self.dir, ignore_errors=True)

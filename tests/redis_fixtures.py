@@ -8,10 +8,12 @@ Test modules import the fixtures they use from here (``from tests.redis_fixtures
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from typing import TypeVar
 
 import pytest
 import redis
@@ -87,15 +89,28 @@ class RedisServer:
         with redis.Redis(port=self.port) as c:
             c.config_resetstat()
 
+    def cleanup(self) -> None:
+        """Stop the server and remove whatever it left behind."""
+        self.stop()
 
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    server = RedisServer()
+
+S = TypeVar("S", bound=RedisServer)
+
+
+@contextlib.contextmanager
+def running(server: S) -> Iterator[S]:
+    """``server`` started, and cleaned up on the way out."""
     server.start()
     try:
         yield server
     finally:
-        server.stop()
+        server.cleanup()
+
+
+@pytest.fixture
+def private_redis() -> Iterator[RedisServer]:
+    with running(RedisServer()) as server:
+        yield server
 
 
 @pytest.fixture

@@ -16,16 +16,10 @@ from gateway.tracing import TraceWriter
 from tests.aibrix.fixtures import aibrix_model, forget_writer, load_reader  # noqa: F401  (fixtures)
 from tests.helpers.clock import FakeClock
 from tests.redis_fixtures import SHARED_REDIS_URL, fast_client
+from tests.trace_support import flush_after, serve
 
 INTERVAL = 10
 T0 = 1_700_000_000  # a window start; the clock is driven, Redis TTLs stay relative
-
-
-def served(w: TraceWriter, clock: FakeClock, model: str, n: int, tokens: tuple[int, int]) -> None:
-    for _ in range(n):
-        h = w.add(model)
-        clock.now += 0.01
-        w.done(h, *tokens)
 
 
 async def test_gateway_load_reader_reads_our_windows(
@@ -41,16 +35,14 @@ async def test_gateway_load_reader_reads_our_windows(
     e1, e2, e3 = T0 + 10, T0 + 20, T0 + 30
     try:
         # Window 1: 3 x (100 in, 20 out), 1 x (1000, 1000), one still open at its end.
-        served(w, clock, model, 3, (100, 20))
-        served(w, clock, model, 1, (1000, 1000))
+        serve(w, clock, 3, model, (100, 20), each=0.01)
+        serve(w, clock, 1, model, (1000, 1000), each=0.01)
         straddler = w.add(model)
-        clock.now = e1 + 0.05
-        assert await w.flush()
+        assert await flush_after(w, clock, e1)
         # Window 2: the open one finishes (8, 8); two more arrive and finish (2, 3).
         w.done(straddler, 8, 8)
-        served(w, clock, model, 2, (2, 3))
-        clock.now = e2 + 0.05
-        assert await w.flush()
+        serve(w, clock, 2, model, (2, 3), each=0.01)
+        assert await flush_after(w, clock, e2)
 
         sync = redis.Redis.from_url(SHARED_REDIS_URL)
         reader = load_reader.GatewayLoadReader(sync, model)
@@ -69,9 +61,8 @@ async def test_gateway_load_reader_reads_our_windows(
             assert reader.key_ts_alignment == INTERVAL  # taken from meta_interval_sec
 
             # Window 3, read the way the GPU optimizer polls: just after the boundary.
-            served(w, clock, model, 4, (64, 128))
-            clock.now = e3 + 0.05
-            assert await w.flush()
+            serve(w, clock, 4, model, (64, 128), each=0.01)
+            assert await flush_after(w, clock, e3)
             records, rate = reader.read(e3 + 0.7)
             assert list(records) == [(e3, 60 / 10, 70 / 10, 4)]
             assert rate == 4 / INTERVAL

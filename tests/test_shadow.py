@@ -98,6 +98,15 @@ def assert_champion_answers(replies: list[Reply], pad: int = 0) -> None:
         assert reply.headers["X-Gateway-Variant"] == "champion"
 
 
+async def answered_and_settled(
+    http: aiohttp.ClientSession, gateway: Gateway, route: str, ids: list[str]
+) -> None:
+    """Send ``ids`` from 5 clients, check the champion answered each, and wait until
+    every shadow call has ended and been compared."""
+    assert_champion_answers(await run_clients(5, predict_jobs(http, gateway, route, ids)))
+    await settle(gateway)
+
+
 @pytest.fixture
 async def black_hole() -> AsyncIterator[tuple[BlackHole, str]]:
     """A target that never answers. Its server cancels a handler whose client hung up,
@@ -366,10 +375,7 @@ async def test_refused_connections_to_the_shadow_count_as_errors(
             [shadow_route("r", "v1", target="gone", sample_rate=1.0)],
         )
     )
-    ids = [f"refused-{i}" for i in range(30)]
-    replies = await run_clients(5, predict_jobs(http, gateway, "r", ids))
-    assert_champion_answers(replies)
-    await settle(gateway)
+    await answered_and_settled(http, gateway, "r", [f"refused-{i}" for i in range(30)])
     metrics = await scrape(http, gateway)
     assert metrics.outcomes("r") == {**dict.fromkeys(OUTCOMES, 0), "error": 30}
     assert outcomes_of(await shadow_report(http, gateway, "r")) == {"error": 30}
@@ -392,9 +398,7 @@ async def test_a_shadow_answering_500_counts_as_an_error_not_a_disagreement(
         )
     )
     ids = [f"five-{i}" for i in range(30)]
-    replies = await run_clients(5, predict_jobs(http, gateway, "r", ids))
-    assert_champion_answers(replies)
-    await settle(gateway)
+    await answered_and_settled(http, gateway, "r", ids)
     assert {c.request_id for c in failing.shadow_calls} == set(ids)
     metrics = await scrape(http, gateway)
     # A crashing shadow says nothing about how its model answers: the issue counts it

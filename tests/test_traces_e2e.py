@@ -17,7 +17,7 @@ import sys
 import time
 import types
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ import redis
 import redis.asyncio as aioredis
 import yaml
 
+from gateway.app import Gateway
 from gateway.core.trace import merge, serialize, trace_key, window_end
 from tests.aibrix.fixtures import aibrix_model, forget_writer, load_reader  # noqa: F401  (fixtures)
 from tests.conftest import StartApp, StartGateway
@@ -54,10 +55,10 @@ from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     SHARED_REDIS_URL,
     RedisServer,
-    delete_prefix,
     fast_client,
     private_redis,
     redis_prefix,
+    running,
     shared_redis,
 )
 from tests.support import gateway_document, log_text, proxy_url, wait_ready
@@ -108,6 +109,21 @@ def traced_document(
         tracing=tracing,
         **sections,
     )
+
+
+StartLLM = Callable[..., Awaitable[Gateway]]
+
+
+@pytest.fixture
+def start_llm(usage_server: tuple[UsageServer, str], start_gateway: StartGateway) -> StartLLM:
+    """Start a gateway whose one backend, "llm", is ``usage_server``, traced under the
+    given model name (None: under its own name); the rest as ``traced_document`` takes."""
+
+    async def start(model: str | None, **document: Any) -> Gateway:
+        backend = {"url": usage_server[1], **({"model": model} if model else {})}
+        return await start_gateway(traced_document({"llm": backend}, **document))
+
+    return start
 
 
 async def send_plan(
@@ -203,16 +219,13 @@ async def test_proxied_usage_lands_in_redis_windows_exactly(
 
 async def test_request_open_at_a_boundary_is_pending_there_and_counted_after(
     usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
+    start_llm: StartLLM,
     http: aiohttp.ClientSession,
     shared_redis: aioredis.Redis,  # noqa: F811
     redis_prefix: str,  # noqa: F811
 ) -> None:
-    server, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "foo"}}, key_prefix=redis_prefix,
-        redis_url=SHARED_REDIS_URL,
-    ))  # fmt: skip
+    server, _ = usage_server
+    gateway = await start_llm("foo", key_prefix=redis_prefix, redis_url=SHARED_REDIS_URL)
     call = asyncio.create_task(chat(http, proxy_url(gateway), (50, 60), stream=True, hold="slow"))
     try:
         await asyncio.wait_for(server.arrived("slow").wait(), 5)
@@ -239,15 +252,13 @@ async def test_request_open_at_a_boundary_is_pending_there_and_counted_after(
 
 
 async def test_proxied_requests_are_timed_on_the_writers_clock(
-    usage_server: tuple[UsageServer, str], start_gateway: StartGateway, http: aiohttp.ClientSession
+    usage_server: tuple[UsageServer, str], start_llm: StartLLM, http: aiohttp.ClientSession
 ) -> None:
     """The proxy times a request as its own perf_counter() readings plus the writer's
     perf_offset: arrival and end land in the windows of the writer's clock, wherever that
     clock is, and a stepped clock is followed once the offset is refreshed."""
-    server, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "foo"}}, key_prefix="clock", redis_url=None
-    ))  # fmt: skip
+    server, _ = usage_server
+    gateway = await start_llm("foo", key_prefix="clock", redis_url=None)
     tracer = gateway.tracer
     assert tracer is not None
     await tracer.stop(flush_open=False)  # no background cycle: this test moves the clock
@@ -294,17 +305,12 @@ def reader_counts(records: list[Any]) -> Counter[str]:
 async def test_aibrix_gateway_load_reader_reads_proxied_traffic(
     load_reader: types.ModuleType,  # noqa: F811
     aibrix_model: str,  # noqa: F811
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
+    start_llm: StartLLM,
     http: aiohttp.ClientSession,
     shared_redis: aioredis.Redis,  # noqa: F811
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    _, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": aibrix_model}}, key_prefix="aibrix",
-        redis_url=SHARED_REDIS_URL,
-    ))  # fmt: skip
+    gateway = await start_llm(aibrix_model, key_prefix="aibrix", redis_url=SHARED_REDIS_URL)
     assert gateway.tracer is not None
     sync = redis.Redis.from_url(SHARED_REDIS_URL)
     try:
@@ -432,27 +438,20 @@ async def test_two_gateway_processes_on_one_redis_add_up(
 
 @pytest.fixture
 def persistent_redis() -> Iterator[PersistentRedisServer]:
-    server = PersistentRedisServer()
-    server.start()
-    try:
+    with running(PersistentRedisServer()) as server:
         yield server
-    finally:
-        server.cleanup()
 
 
 async def test_redis_outage_under_load_loses_no_request_and_no_window(
     persistent_redis: PersistentRedisServer,
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
+    start_llm: StartLLM,
     http: aiohttp.ClientSession,
 ) -> None:
-    _, upstream = usage_server
     url = persistent_redis.url
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "m"}}, key_prefix="aibrix", redis_url=None,
+    gateway = await start_llm(
+        "m", key_prefix="aibrix", redis_url=None, tracing={"ttl_seconds": 60},
         state={"backend": "redis", "redis_url": url, "key_prefix": "gw"},
-        tracing={"ttl_seconds": 60},
-    ))  # fmt: skip
+    )  # fmt: skip
     client = fast_client(url)
     results: list[tuple[float, float, int]] = []  # (sent, answered, status)
     stop = asyncio.Event()
@@ -597,15 +596,10 @@ async def _warm_up(http: aiohttp.ClientSession, gateway: Any) -> None:
 
 async def test_redis_commands_per_proxied_request(
     private_redis: RedisServer,  # noqa: F811
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
+    start_llm: StartLLM,
     http: aiohttp.ClientSession,
 ) -> None:
-    _, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "m"}}, key_prefix="aibrix",
-        redis_url=private_redis.url,
-    ))  # fmt: skip
+    gateway = await start_llm("m", key_prefix="aibrix", redis_url=private_redis.url)
     await _warm_up(http, gateway)
     n = 1000
     stats, windows, elapsed = await _measured_run(private_redis, http, gateway, n)
@@ -624,15 +618,13 @@ async def test_redis_commands_per_proxied_request(
 
 async def test_redis_commands_per_request_with_the_redis_state_store(
     private_redis: RedisServer,  # noqa: F811
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
+    start_llm: StartLLM,
     http: aiohttp.ClientSession,
 ) -> None:
-    _, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "m"}}, key_prefix="aibrix", redis_url=None,
+    gateway = await start_llm(
+        "m", key_prefix="aibrix", redis_url=None,
         state={"backend": "redis", "redis_url": private_redis.url, "key_prefix": "gw"},
-    ))  # fmt: skip
+    )  # fmt: skip
     await _warm_up(http, gateway)
 
     # Idle: only the store's revision watcher talks to Redis, at a fixed rate.
@@ -707,15 +699,8 @@ async def test_shadow_calls_are_load_on_their_target(
 # ---------------------------------------------------------------- admin API
 
 
-async def test_admin_traces_api_shapes(
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
-    http: aiohttp.ClientSession,
-) -> None:
-    _, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream, "model": "foo"}}, key_prefix="px", redis_url=None,
-    ))  # fmt: skip
+async def test_admin_traces_api_shapes(start_llm: StartLLM, http: aiohttp.ClientSession) -> None:
+    gateway = await start_llm("foo", key_prefix="px", redis_url=None)
     assert await admin_json(http, gateway, "/api/v1/traces") == (200, {"models": []})
     status, body = await admin_json(http, gateway, "/api/v1/traces/foo")
     assert status == 404 and body["error"]["code"] == "unknown_model"
@@ -751,15 +736,9 @@ async def test_admin_traces_api_shapes(
 
 
 async def test_admin_traces_api_when_tracing_is_disabled(
-    usage_server: tuple[UsageServer, str],
-    start_gateway: StartGateway,
-    http: aiohttp.ClientSession,
+    start_llm: StartLLM, http: aiohttp.ClientSession
 ) -> None:
-    _, upstream = usage_server
-    gateway = await start_gateway(traced_document(
-        {"llm": {"url": upstream}}, key_prefix="px", redis_url=None,
-        tracing={"enabled": False},
-    ))  # fmt: skip
+    gateway = await start_llm(None, key_prefix="px", redis_url=None, tracing={"enabled": False})
     await send_plan(http, proxy_url(gateway), MIXED_PLAN[:2])
     for path in ("/api/v1/traces", "/api/v1/traces/llm"):
         status, body = await admin_json(http, gateway, path)

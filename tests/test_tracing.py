@@ -22,6 +22,7 @@ from tests.redis_fixtures import (  # noqa: F401  (fixtures)
     redis_prefix,
     shared_redis,
 )
+from tests.trace_support import flush_after, serve
 
 INTERVAL = 10
 T0 = 1_700_000_000.0  # a window start (multiple of INTERVAL)
@@ -44,13 +45,6 @@ def writer(
     return w, outcomes
 
 
-def run(w: TraceWriter, clock: FakeClock, n: int, model: str, tokens: tuple[int, int]) -> None:
-    for _ in range(n):
-        h = w.add(model)
-        clock.now += 0.0001
-        w.done(h, *tokens)
-
-
 # -- contents ----------------------------------------------------------------------------
 
 
@@ -59,13 +53,12 @@ async def test_window_key_holds_exactly_what_was_counted(
 ) -> None:
     clock = FakeClock(T0 + 1)
     w, outcomes = writer(shared_redis, redis_prefix, clock)
-    run(w, clock, 3, "llama", (100, 20))  # 66:43
-    run(w, clock, 2, "llama", (1000, 1000))  # 100:100
-    run(w, clock, 1, "llama", (0, 0))  # no usage in the answer
+    serve(w, clock, 3, "llama", (100, 20))  # 66:43
+    serve(w, clock, 2, "llama", (1000, 1000))  # 100:100
+    serve(w, clock, 1, "llama", (0, 0))  # no usage in the answer
     open_req = w.add("llama")  # still in flight at the boundary
     w.add("other")  # a second model, never finished
-    clock.now = T0 + INTERVAL + 0.05
-    assert await w.flush()
+    assert await flush_after(w, clock, T0 + INTERVAL)
 
     key = trace_key(redis_prefix, "llama", int(T0) + INTERVAL)
     raw = await shared_redis.get(key)
@@ -82,8 +75,7 @@ async def test_window_key_holds_exactly_what_was_counted(
     # The request open at the boundary finishes in the next window: tokens counted there.
     clock.now = T0 + 12
     w.done(open_req, 3, 3)
-    clock.now = T0 + 2 * INTERVAL + 0.05
-    assert await w.flush()
+    assert await flush_after(w, clock, T0 + 2 * INTERVAL)
     nxt = orjson.loads(await shared_redis.get(trace_key(redis_prefix, "llama", int(T0) + 20)))
     assert nxt == {"16:16": 1, "meta_interval_sec": 10, "meta_pending_reqs": 0,
                    "meta_precision": 10, "meta_total_reqs": 0, "meta_v": 3}
@@ -97,9 +89,9 @@ async def test_two_replicas_writing_one_window_add_up(redis_prefix: str) -> None
     try:
         a, _ = writer(clients[0], redis_prefix, clock)
         b, _ = writer(clients[1], redis_prefix, clock)
-        run(a, clock, 5, "m", (100, 20))
-        run(b, clock, 7, "m", (100, 20))
-        run(b, clock, 2, "m", (4, 4))
+        serve(a, clock, 5, "m", (100, 20))
+        serve(b, clock, 7, "m", (100, 20))
+        serve(b, clock, 2, "m", (4, 4))
         a.add("m")
         b.add("m")
         b.add("m")
@@ -156,10 +148,10 @@ async def test_redis_outage_keeps_windows_and_writes_them_with_remaining_ttl(
         expected: dict[int, int] = {}
         for i in range(4):  # four windows of load while Redis is down
             n = 10 + i
-            run(w, clock, n, "m", (2, 2))
+            serve(w, clock, n, "m", (2, 2))
             expected[int(T0) + INTERVAL * (i + 1)] = n
-            clock.now = T0 + INTERVAL * (i + 1) + 0.05
-            assert not await w.flush()  # requests above were unaffected; writes wait
+            # The requests above were unaffected; the writes wait.
+            assert not await flush_after(w, clock, T0 + INTERVAL * (i + 1))
         assert outcomes["error"] == 4 and outcomes["ok"] == 0
         assert w.backlog_size == 4
 
@@ -214,7 +206,7 @@ async def test_stop_writes_the_open_window(
     clock = FakeClock(T0 + 1)
     w, _ = writer(shared_redis, redis_prefix, clock)
     w.start()
-    run(w, clock, 4, "m", (2, 2))
+    serve(w, clock, 4, "m", (2, 2))
     await w.stop()
     got = orjson.loads(await shared_redis.get(trace_key(redis_prefix, "m", int(T0) + 10)))
     assert got["10:10"] == 4 and got["meta_total_reqs"] == 4
@@ -234,9 +226,8 @@ async def test_redis_commands_are_per_window_not_per_request(
             private_redis.reset_stats()
             for _ in range(3):
                 for model in ("a", "b"):
-                    run(w, clock, requests_per_window, model, (100, 20))
-                clock.now = window_end(clock.now, INTERVAL) + 0.05
-                assert await w.flush()
+                    serve(w, clock, requests_per_window, model, (100, 20))
+                assert await flush_after(w, clock, window_end(clock.now, INTERVAL))
             stats = private_redis.command_stats()
             # Our own stats connection (its handshake and INFO), not the writer's.
             for ours in ("config|resetstat", "info", "hello", "client|setinfo"):
@@ -305,7 +296,7 @@ async def test_many_models_windows_are_written_in_a_few_round_trips(
         try:
             await client.ping()  # the handshake's round trips out of the way
             for m in range(models):
-                run(w, clock, m % 3 + 1, f"m{m}", (100, 20))
+                serve(w, clock, m % 3 + 1, f"m{m}", (100, 20))
             clock.now = T0 + INTERVAL + 0.05
             started = time.perf_counter()
             assert await w.flush()
@@ -337,9 +328,8 @@ async def test_windows_redis_refuses_wait_and_are_written_once(
         await client.config_set("maxmemory-policy", "noeviction")
         await client.config_set("maxmemory", 1)
         for model, n in (("a", 2), ("b", 3), ("c", 4)):
-            run(w, clock, n, model, (100, 20))
-        clock.now = T0 + INTERVAL + 0.05
-        assert not await w.flush()
+            serve(w, clock, n, model, (100, 20))
+        assert not await flush_after(w, clock, T0 + INTERVAL)
         assert outcomes == Counter(error=1) and w.backlog_size == 3
 
         await client.config_set("maxmemory", 0)
@@ -359,9 +349,8 @@ async def test_a_key_of_another_type_is_replaced_not_stuck(
     w, outcomes = writer(shared_redis, redis_prefix, clock)
     key = trace_key(redis_prefix, "m", int(T0) + INTERVAL)
     await shared_redis.rpush(key, "not a trace")
-    run(w, clock, 3, "m", (100, 20))
-    clock.now = T0 + INTERVAL + 0.05
-    assert await w.flush()
+    serve(w, clock, 3, "m", (100, 20))
+    assert await flush_after(w, clock, T0 + INTERVAL)
     assert outcomes == Counter(ok=1)
     got = orjson.loads(await shared_redis.get(key))
     assert got["meta_total_reqs"] == 3 and got["66:43"] == 3
@@ -374,9 +363,8 @@ async def test_recent_windows_without_redis() -> None:
     clock = FakeClock(T0 + 1)
     w, outcomes = writer(None, "aibrix", clock, recent_windows=3)
     for i in range(5):
-        run(w, clock, i + 1, "m", (2, 2))
-        clock.now = T0 + INTERVAL * (i + 1) + 0.05
-        assert await w.flush()
+        serve(w, clock, i + 1, "m", (2, 2))
+        assert await flush_after(w, clock, T0 + INTERVAL * (i + 1))
     got = w.recent("m")
     assert [r["window_end"] for r in got] == [int(T0) + 30, int(T0) + 40, int(T0) + 50]
     assert [r["trace"]["meta_total_reqs"] for r in got] == [3, 4, 5]

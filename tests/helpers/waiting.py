@@ -8,9 +8,10 @@ few places that cannot await (starting a redis-server from a synchronous fixture
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import TypeVar, cast
 
 T = TypeVar("T")
@@ -18,17 +19,31 @@ T = TypeVar("T")
 Ignored = tuple[type[BaseException], ...]
 
 
-class _Deadline:
-    """The time a wait started, and the error it raises once ``within`` seconds passed."""
+class _Wait:
+    """One wait: when it started, what its condition last gave, and the error it raises
+    once ``within`` seconds have passed."""
 
-    def __init__(self, what: str, within: float) -> None:
-        self.what, self.within = what, within
+    def __init__(self, what: str, within: float, ignoring: Ignored) -> None:
+        self.what, self.within, self.ignoring = what, within, ignoring
         self.started = time.monotonic()
+        self.last: object = None
 
-    def check(self, last: object) -> None:
+    @contextlib.contextmanager
+    def attempt(self) -> Iterator[None]:
+        """Around one check: an error the wait ignores is "not yet"."""
+        try:
+            yield
+        except self.ignoring as error:
+            self.last = error
+
+    def done(self, value: object) -> bool:
+        self.last = value
+        return bool(value)
+
+    def check_time(self) -> None:
         waited = time.monotonic() - self.started
         if waited > self.within:
-            shown = repr(last)
+            shown = repr(self.last)
             if len(shown) > 300:
                 shown = shown[:300] + "..."
             raise AssertionError(
@@ -50,19 +65,14 @@ async def wait_until(
     counts as "not yet". After ``within`` seconds, raise an AssertionError naming
     ``what``, the time waited and the last result. A wait fails only after a check made
     once the time is up, so a late wake-up cannot fail a condition that holds by then."""
-    deadline = _Deadline(what, within)
+    wait = _Wait(what, within, ignoring)
     while True:
-        last: object
-        try:
+        with wait.attempt():
             result = condition()
             value = cast(T, await result if inspect.isawaitable(result) else result)
-        except ignoring as error:
-            last = error
-        else:
-            if value:
+            if wait.done(value):
                 return value
-            last = value
-        deadline.check(last)
+        wait.check_time()
         await asyncio.sleep(every)
 
 
@@ -75,16 +85,10 @@ def wait_until_sync(
     ignoring: Ignored = (),
 ) -> T:
     """``wait_until`` for synchronous code: blocks the thread between polls."""
-    deadline = _Deadline(what, within)
+    wait = _Wait(what, within, ignoring)
     while True:
-        last: object
-        try:
-            value = condition()
-        except ignoring as error:
-            last = error
-        else:
-            if value:
+        with wait.attempt():
+            if wait.done(value := condition()):
                 return value
-            last = value
-        deadline.check(last)
+        wait.check_time()
         time.sleep(every)
