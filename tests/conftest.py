@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,7 @@ from aiohttp import web
 
 from gateway import config as config_module
 from gateway.app import Gateway
+from tests.helpers.ports import free_port
 
 # Modules whose tests run on uvloop's event loop as well as asyncio's: the gateway runs
 # on uvloop, and these test what depends on how a loop's transports behave.
@@ -26,6 +29,29 @@ def pytest_asyncio_loop_factories(
     if Path(str(item.fspath)).name in _ON_BOTH_LOOPS:
         return {"asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop}
     return {"asyncio": asyncio.new_event_loop}
+
+
+_SUITE_REDIS: list[Any] = []  # the session's redis-server, once started
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Start the suite's own Redis (see tests/redis_fixtures.py) before any test module
+    is imported: they read its URL at import."""
+    if os.environ.get("GATEWAY_TEST_REDIS_URL") or shutil.which("redis-server") is None:
+        return
+    port = free_port()
+    os.environ["GATEWAY_TEST_REDIS_URL"] = f"redis://127.0.0.1:{port}/0"
+    from tests.redis_fixtures import RedisServer
+
+    server = RedisServer(port)
+    server.start()
+    _SUITE_REDIS.append(server)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    while _SUITE_REDIS:
+        _SUITE_REDIS.pop().stop()
+    os.environ.pop("GATEWAY_TEST_REDIS_URL", None)
 
 
 StartApp = Callable[[web.Application], Awaitable[str]]

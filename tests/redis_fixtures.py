@@ -1,5 +1,10 @@
-"""Real Redis for tests: the shared server on 6379 under a unique key prefix per test, or
+"""Real Redis for tests: the suite's shared server under a unique key prefix per test, or
 a private ``redis-server`` on a free port for tests that stop it or count its commands.
+
+The shared server is the suite's own: ``tests/conftest.py`` starts a ``redis-server`` on a
+free port when the session starts and names it in ``GATEWAY_TEST_REDIS_URL``, so the
+tests need nothing running beforehand and never touch a Redis the machine may have on
+6379 (only when redis-server is missing do they fall back to that one).
 
 Test modules import the fixtures they use from here (``from tests.redis_fixtures import
 ...``), so they work whatever the shared conftest holds.
@@ -9,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import TypeVar
+from urllib.parse import urlsplit
 
 import pytest
 import redis
@@ -24,7 +31,9 @@ from redis.backoff import NoBackoff
 from tests.helpers.ports import free_port
 from tests.helpers.waiting import wait_until_sync
 
-SHARED_REDIS_URL = "redis://127.0.0.1:6379/0"
+SUITE_REDIS_ENV = "GATEWAY_TEST_REDIS_URL"
+SHARED_REDIS_URL = os.environ.get(SUITE_REDIS_ENV, "redis://127.0.0.1:6379/0")
+SHARED_REDIS_PORT = urlsplit(SHARED_REDIS_URL).port or 6379
 
 
 def fast_client(url: str) -> aioredis.Redis:
@@ -44,8 +53,8 @@ def delete_prefix(url: str, pattern: str) -> None:
 class RedisServer:
     """A private redis-server that a test may stop and start again on the same port."""
 
-    def __init__(self) -> None:
-        self.port = free_port()
+    def __init__(self, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self._proc: subprocess.Popen[bytes] | None = None
 

@@ -15,6 +15,7 @@ from gateway.tracing import MERGE_SCRIPT, TraceWriter
 from tests.helpers.clock import FakeClock
 from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import (  # noqa: F401  (fixtures)
+    SHARED_REDIS_PORT,
     SHARED_REDIS_URL,
     RedisServer,
     fast_client,
@@ -289,7 +290,7 @@ async def test_many_models_windows_are_written_in_a_few_round_trips(
     redis_prefix: str,  # noqa: F811
 ) -> None:
     models = 250
-    async with SlowLink(6379, delay=0.02) as url:
+    async with SlowLink(SHARED_REDIS_PORT, delay=0.02) as url:
         client = fast_client(url)
         clock = FakeClock(T0 + 1)
         w, outcomes = writer(client, redis_prefix, clock)
