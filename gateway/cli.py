@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run | check | demo | status | weight."""
+"""The ``gateway`` command: run | check | demo | status | weight | canary."""
 
 from __future__ import annotations
 
@@ -8,12 +8,18 @@ import json
 import logging
 import os
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
-from collections.abc import Coroutine, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Sequence
+from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, load
+
+if TYPE_CHECKING:
+    from rich.console import Console, RenderableType
+    from rich.text import Text
 
 DEFAULT_ADMIN = "http://127.0.0.1:9090"
 
@@ -78,6 +84,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+class AdminError(SystemExit):
+    """A failed admin API call. Uncaught, Python prints its one-line message on stderr and
+    exits with 1, without a traceback; ``canary status --watch`` catches it to retry."""
+
+
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = None) -> Any:
     url = args.admin.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
@@ -89,16 +100,16 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: Any = No
         with urllib.request.urlopen(request, timeout=10) as response:
             answer = json.loads(response.read())
     except ValueError:
-        raise SystemExit(f"gateway: {url} did not answer like the gateway's admin API") from None
+        raise AdminError(f"gateway: {url} did not answer like the gateway's admin API") from None
     except urllib.error.HTTPError as error:
         try:
             detail = json.loads(error.read())["error"]["message"]
         except (ValueError, KeyError, TypeError):
             detail = error.reason
-        raise SystemExit(f"gateway: {method} {url}: {error.code} {detail}") from None
+        raise AdminError(f"gateway: {method} {url}: {error.code} {detail}") from None
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        raise SystemExit(f"gateway: cannot reach the admin API at {url}: {reason}") from None
+        raise AdminError(f"gateway: cannot reach the admin API at {url}: {reason}") from None
     return answer
 
 
@@ -125,6 +136,325 @@ def cmd_weight(args: argparse.Namespace) -> int:
     if not isinstance(route, dict) or "challenger_weight" not in route:
         raise SystemExit(f"gateway: {args.admin} did not answer like the gateway's admin API")
     print(f"{route['name']}: challenger weight {route['challenger_weight']:g}")
+    return 0
+
+
+# --- gateway canary ------------------------------------------------------------------------
+
+# How the detailed view colours a canary's state and a check's verdict (in a terminal).
+_STATE_STYLES = {
+    "idle": "dim",
+    "progressing": "bold cyan",
+    "holding": "bold yellow",
+    "awaiting_promotion": "bold green",
+    "promoted": "green",
+    "rolled_back": "bold red",
+    "paused": "bold magenta",
+}
+_VERDICT_STYLES = {"pass": "green", "fail": "bold red", "inconclusive": "yellow"}
+HISTORY_SHOWN = 5
+WATCH_SECONDS = 1.0
+
+
+def _not_admin_api(args: argparse.Namespace) -> AdminError:
+    return AdminError(f"gateway: {args.admin} did not answer like the gateway's admin API")
+
+
+def _checked_view(args: argparse.Namespace, view: Any) -> dict[str, Any]:
+    """``view`` if it is a canary view as the admin API answers it."""
+    fields = (("route", str), ("state", str), ("step", int), ("steps", list), ("weight", float))
+    if not isinstance(view, dict) or not all(
+        isinstance(view.get(name), kind) or (kind is float and isinstance(view.get(name), int))
+        for name, kind in fields
+    ):
+        raise _not_admin_api(args)
+    return view
+
+
+def _canary_view(args: argparse.Namespace, route: str) -> dict[str, Any]:
+    path = f"/api/v1/routes/{urllib.parse.quote(route, safe='')}/canary"
+    return _checked_view(args, _admin_call(args, "GET", path))
+
+
+def _canary_views(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The canary view of every route that has one, in the routes' order."""
+    data = _admin_call(args, "GET", "/api/v1/routes")
+    routes = data.get("routes") if isinstance(data, dict) else None
+    if not isinstance(routes, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("name"), str) for r in routes
+    ):
+        raise _not_admin_api(args)
+    return [_canary_view(args, r["name"]) for r in routes if r.get("canary")]
+
+
+def _step_of(view: dict[str, Any]) -> str:
+    """``k of n``, or ``- of n`` before the first step."""
+    n = len(view.get("steps") or ())
+    step = view.get("step", -1)
+    return f"{step + 1} of {n}" if isinstance(step, int) and step >= 0 else f"- of {n}"
+
+
+def _canary_line(view: dict[str, Any]) -> str:
+    """A canary in one line: what the commands print, and the piped ``--watch``."""
+    line = f"{view['route']}: {view['state']}, step {_step_of(view)}, weight {view['weight']:g}"
+    return line + (f" ({view['reason']})" if view.get("reason") else "")
+
+
+def _pct(value: Any, signed: bool = False) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    return f"{value:+.2%}" if signed else f"{value:.2%}"
+
+
+def _clock(at: Any) -> str:
+    return time.strftime("%H:%M:%S", time.localtime(at)) if isinstance(at, int | float) else "-"
+
+
+def _seconds(value: Any) -> str:
+    if not isinstance(value, int | float):
+        return "-"
+    value = max(0.0, float(value))
+    if value < 60:
+        return f"{value:.1f}s" if value < 10 else f"{value:.0f}s"
+    minutes, rest = divmod(int(value), 60)
+    return f"{minutes}m{rest:02d}s"
+
+
+def _variant_cell(counts: Any) -> str:
+    """``requests, failed, failure rate [its confidence bounds]``."""
+    if not isinstance(counts, dict):
+        return "-"
+    requests, failures = counts.get("requests", 0), counts.get("failures", 0)
+    if not requests:
+        return "0"
+    low, high = (counts.get("failure_rate_bounds") or [None, None])[:2]
+    rate = counts.get("failure_rate")
+    return f"{requests}, {failures} failed, {_pct(rate)} [{_pct(low)}, {_pct(high)}]"
+
+
+def _canary_table(views: list[dict[str, Any]]) -> Text:
+    """One line per canary: the bare ``canary status``."""
+    from rich.text import Text
+
+    text = Text()
+    text.append(f"{'ROUTE':<20} {'STATE':<19} {'STEP':<9} {'WEIGHT':>7}  REASON", style="bold")
+    if not views:
+        text.append("\n(no route has a canary)", style="dim")
+    for view in views:
+        state = str(view["state"])
+        text.append(f"\n{view['route']:<20} ")
+        text.append(f"{state:<19}", style=_STATE_STYLES.get(state, ""))
+        text.append(f" {_step_of(view):<9} {view['weight']:>7.4g}  {view.get('reason') or '-'}")
+    return text
+
+
+def _canary_detail(view: dict[str, Any]) -> Text:
+    """A canary in full: where it is, what it has counted, what it last decided and why,
+    and what it did before."""
+    from rich.text import Text
+
+    text = Text()
+    state = str(view["state"])
+    text.append(f"{view['route']}  ", style="bold")
+    text.append(state, style=_STATE_STYLES.get(state, ""))
+    text.append(f"  step {_step_of(view)}  weight {view['weight']:g}")
+    if view.get("reason"):
+        text.append(f"  ({view['reason']})")
+
+    steps = [float(w) for w in view.get("steps") or ()]
+    step = view.get("step", -1)
+    text.append("\n  steps        ")
+    for i, weight in enumerate(steps):
+        if i:
+            text.append(" > ", style="dim")
+        text.append(f"[{weight:g}]" if i == step else f"{weight:g}", "bold" if i == step else "")
+    interval = (view.get("config") or {}).get("step_interval_seconds")
+    if view.get("step_elapsed") is not None:
+        text.append(f"   this step {_seconds(view['step_elapsed'])}")
+        if isinstance(interval, int | float):
+            text.append(f" (lasts at least {_seconds(interval)})")
+    if view.get("canary_id"):
+        text.append(
+            f"\n  canary       {view['canary_id']} of challenger {view.get('challenger') or '-'},"
+            f" started {_clock(view.get('started_at'))}"
+        )
+    if state in ("progressing", "holding"):
+        due = view.get("next_evaluation_in")
+        if due is not None:
+            text.append(f"\n  next         evaluation in {_seconds(due)}")
+        else:
+            text.append(f"\n  next         evaluated by the leader {view.get('leader') or '-'}")
+
+    counts = view.get("counts") or {}
+    text.append(f"\n\n  {'requests':<14} {'champion':<40} challenger", style="bold")
+    for label, key in (("this step", "step"), ("whole canary", "canary")):
+        pair = counts.get(key) or {}
+        champion = _variant_cell(pair.get("champion"))
+        text.append(f"\n  {label:<14} {champion:<40} {_variant_cell(pair.get('challenger'))}")
+    shadow = counts.get("shadow") or {}
+    if shadow.get("compared") or shadow.get("noise_compared"):
+        text.append(
+            f"\n  {'shadow':<14} {shadow.get('mismatched', 0)} of {shadow.get('compared', 0)}"
+            " compared answers disagree"
+        )
+        if shadow.get("noise_compared"):
+            text.append(
+                f"; the champion with itself {shadow.get('noise_mismatched', 0)} of "
+                f"{shadow['noise_compared']}"
+            )
+
+    decision = view.get("last_decision")
+    text.append("\n\n  last decision", style="bold")
+    if not isinstance(decision, dict):
+        text.append("  none yet")
+    else:
+        text.append(f"  {_clock(decision.get('at'))}  {decision.get('action')}")
+        text.append(f" ({decision.get('reason')}): {decision.get('message', '')}")
+        for check in decision.get("checks") or ():
+            verdict = str(check.get("verdict"))
+            name = str(check.get("name"))
+            text.append("\n    ")
+            text.append(f"{verdict:<12}", style=_VERDICT_STYLES.get(verdict, "dim"))
+            text.append(
+                f" {name:<16} estimate {_pct(check.get('estimate'), name == 'error_rate')}"
+                f"  limit {_pct(check.get('limit'))}"
+                f"  bound {_pct(check.get('bound'), name == 'error_rate')}"
+            )
+            text.append(f"\n    {'':<12} {check.get('detail', '')}", style="dim")
+
+    history = list(view.get("history") or ())[-HISTORY_SHOWN:]
+    if history:
+        text.append(f"\n\n  history (last {len(history)})", style="bold")
+    for entry in history:
+        repeated = int(entry.get("count", 1))
+        at = _clock(entry.get("last_at") if repeated > 1 else entry.get("at"))
+        where = entry.get("step", -1)
+        text.append(
+            f"\n    {at}  {entry.get('action', ''):<9} {entry.get('reason', ''):<24}"
+            f" step {where + 1 if isinstance(where, int) and where >= 0 else '-'}"
+            f"  weight {entry.get('weight', 0):<5g} {entry.get('message', '')}"
+            + (f"  (x{repeated})" if repeated > 1 else "")
+        )
+    return text
+
+
+def _console(*, live: bool = False) -> Console:
+    from rich.console import Console
+
+    # soft_wrap: long lines (a check's detail) are printed whole, for the terminal to wrap
+    # or to pass through a pipe unbroken. A live view redraws in place: it wraps its
+    # lines itself, as it would crop them at the terminal's width otherwise.
+    return Console(soft_wrap=not live, highlight=False)
+
+
+def cmd_canary_status(args: argparse.Namespace) -> int:
+    def fetch() -> Any:
+        return _canary_view(args, args.route) if args.route else _canary_views(args)
+
+    def render(data: Any) -> Text:
+        return _canary_detail(data) if args.route else _canary_table(data)
+
+    if args.watch:
+        return _watch(args, fetch, render)
+    data = fetch()
+    if args.json:
+        print(json.dumps(data if args.route else {"canaries": data}, indent=2))
+    else:
+        _console().print(render(data))
+    return 0
+
+
+def _watch(
+    args: argparse.Namespace, fetch: Callable[[], Any], render: Callable[[Any], Text]
+) -> int:
+    """Refresh every second until Ctrl-C. In a terminal, a live view of what ``status``
+    shows; piped, a line whenever a canary's state, step, weight or reason changes (with
+    ``--json``, a JSON document per refresh). A failing admin API is shown and retried;
+    only the first call's failure ends the command."""
+    refresh = _Refresh(fetch)
+    data = fetch()  # a wrong URL or route fails at once, not in a loop
+    console = _console(live=True)
+    try:
+        if args.json:
+            while True:
+                print(json.dumps(data if args.route else {"canaries": data}), flush=True)
+                data = refresh.after(data)
+        elif console.is_terminal:
+            _watch_live(args, refresh, render, data, console)
+        else:
+            _watch_lines(refresh, data)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+class _Refresh:
+    """The watch's next data, a second after the last. When the admin API fails, the last
+    data again, with ``problem`` saying why (shown on stderr when piped, once until it
+    changes)."""
+
+    def __init__(self, fetch: Callable[[], Any]) -> None:
+        self.fetch = fetch
+        self.problem = ""
+
+    def after(self, last: Any, *, report: bool = True) -> Any:
+        time.sleep(WATCH_SECONDS)
+        try:
+            data = self.fetch()
+        except AdminError as error:
+            if report and str(error) != self.problem:
+                print(f"{error} (retrying)", file=sys.stderr, flush=True)
+            self.problem = str(error)
+            return last
+        self.problem = ""
+        return data
+
+
+def _watch_lines(refresh: _Refresh, data: Any) -> None:
+    shown: dict[str, str] = {}
+    while True:
+        for view in data if isinstance(data, list) else [data]:
+            line = _canary_line(view)
+            if shown.get(view["route"]) != line:
+                shown[view["route"]] = line
+                print(f"{time.strftime('%H:%M:%S')} {line}", flush=True)
+        data = refresh.after(data)
+
+
+def _watch_live(
+    args: argparse.Namespace,
+    refresh: _Refresh,
+    render: Callable[[Any], Text],
+    data: Any,
+    console: Console,
+) -> None:
+    from rich.console import Group
+    from rich.live import Live
+    from rich.text import Text
+
+    what = f"the canary of {args.route}" if args.route else "canaries"
+
+    def screen(data: Any) -> RenderableType:
+        header = Text(
+            f"gateway: {what} at {args.admin}, every {WATCH_SECONDS:g}s "
+            f"(Ctrl-C to stop)  {time.strftime('%H:%M:%S')}",
+            style="dim",
+        )
+        if refresh.problem:
+            header.append(f"\n{refresh.problem} (retrying)", style="bold red")
+        return Group(header, Text(""), render(data))
+
+    with Live(
+        screen(data), console=console, auto_refresh=False, vertical_overflow="visible"
+    ) as live:
+        while True:
+            data = refresh.after(data, report=False)
+            live.update(screen(data), refresh=True)
+
+
+def cmd_canary_command(args: argparse.Namespace) -> int:
+    path = f"/api/v1/routes/{urllib.parse.quote(args.route, safe='')}/canary/{args.action}"
+    print(_canary_line(_checked_view(args, _admin_call(args, "POST", path))))
     return 0
 
 
@@ -159,15 +489,49 @@ def build_parser() -> argparse.ArgumentParser:
         ("weight", cmd_weight, "set a route's challenger weight"),
     ):
         sub = commands.add_parser(name, help=help_text)
-        sub.add_argument("--admin", default=os.environ.get("GATEWAY_ADMIN_URL", DEFAULT_ADMIN))
-        sub.add_argument("--token", default=os.environ.get("GATEWAY_ADMIN_TOKEN", ""))
+        _admin_options(sub)
         if name == "weight":
             sub.add_argument("route")
             sub.add_argument("weight", type=float)
         else:
             sub.add_argument("--json", action="store_true")
         sub.set_defaults(func=func)
+
+    canary = commands.add_parser("canary", help="watch and steer routes' canaries")
+    verbs = canary.add_subparsers(dest="canary_command", required=True)
+    status = verbs.add_parser(
+        "status", help="every canary in a line, or one route's canary in full"
+    )
+    status.add_argument("route", nargs="?", help="show this route's canary in full")
+    status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
+    status.add_argument("--json", action="store_true", help="the admin API's JSON")
+    _admin_options(status)
+    status.set_defaults(func=cmd_canary_status)
+    for action, help_text in (
+        ("start", "start a canary at its first step"),
+        ("pause", "stop evaluating; the weight stays"),
+        ("resume", "evaluate again; the step starts over"),
+        ("promote", "make the challenger the champion"),
+        ("rollback", "send no more traffic to the challenger"),
+    ):
+        verb = verbs.add_parser(action, help=help_text)
+        verb.add_argument("route")
+        _admin_options(verb)
+        verb.set_defaults(func=cmd_canary_command, action=action)
     return parser
+
+
+def _admin_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--admin",
+        default=os.environ.get("GATEWAY_ADMIN_URL", DEFAULT_ADMIN),
+        help="the admin API's base URL (env GATEWAY_ADMIN_URL)",
+    )
+    parser.add_argument(
+        "--token",
+        default=os.environ.get("GATEWAY_ADMIN_TOKEN", ""),
+        help="the admin API's bearer token (env GATEWAY_ADMIN_TOKEN)",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,4 +1,5 @@
-"""Running the ``gateway`` command as a real subprocess, as an operator would."""
+"""Running the ``gateway`` command as a real subprocess, as an operator would, or in the
+test's process through ``main``."""
 
 from __future__ import annotations
 
@@ -6,11 +7,17 @@ import asyncio
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = (sys.executable, "-m", "gateway.cli")
+T = TypeVar("T")
 
 
 def cli_env(**extra: str) -> dict[str, str]:
@@ -68,3 +75,41 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, within: float =
         raise AssertionError(f"gateway {' '.join(args)} did not finish within {within}s") from None
     assert proc.returncode is not None
     return CliResult(proc.returncode, stdout.decode(), stderr.decode())
+
+
+async def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
+    """``gateway ARGS`` in this process, as ``main`` runs it, with what it printed (captured
+    by ``capsys``). It runs in a thread: it blocks on the admin API of a gateway that the
+    test's own event loop serves. An uncaught ``SystemExit`` ends it as it would end the
+    process: its message on stderr and exit code 1 (or its code, argparse's 2)."""
+    from gateway.cli import main
+
+    capsys.readouterr()  # what came before is not this command's
+
+    def call() -> int:
+        try:
+            return main(list(args))
+        except SystemExit as exit:
+            if exit.code is None or isinstance(exit.code, int):
+                return exit.code or 0
+            print(exit.code, file=sys.stderr)
+            return 1
+
+    code = await asyncio.to_thread(call)
+    captured = capsys.readouterr()
+    return CliResult(code, captured.out, captured.err)
+
+
+async def wait_for(
+    condition: Callable[[], Awaitable[T]], what: str, *, within: float = 10.0, every: float = 0.05
+) -> T:
+    """Poll ``condition`` until it returns something truthy and return that; fail once
+    ``within`` seconds have passed, naming ``what`` and the last result."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {what} (last: {value!r})")
+        await asyncio.sleep(every)
