@@ -77,7 +77,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
     try:
-        run_async(run_demo(args.port, args.admin_port, args.weight, args.error_rate))
+        run_async(run_demo(args.port, args.admin_port, args.weight, args.error_rate, args.load))
     except OSError as error:
         print(f"gateway demo: cannot start: {error} (try --port/--admin-port)", file=sys.stderr)
         return 1
@@ -477,11 +477,25 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True)
     check.set_defaults(func=cmd_check)
 
-    demo = commands.add_parser("demo", help="two built-in model servers behind a gateway")
+    demo = commands.add_parser(
+        "demo", help="two built-in model servers behind a gateway, with a canary running"
+    )
     demo.add_argument("--port", type=int, default=8080)
     demo.add_argument("--admin-port", type=int, default=9090)
-    demo.add_argument("--weight", type=float, default=0.2, help="challenger weight")
+    demo.add_argument(
+        "--weight",
+        type=float,
+        default=0.2,
+        help="the chat route's challenger weight (the sentiment route's canary sets its own)",
+    )
     demo.add_argument("--error-rate", type=float, default=0.0, help="challenger's share of 500s")
+    demo.add_argument(
+        "--load",
+        type=float,
+        default=50.0,
+        metavar="PER_SECOND",
+        help="built-in requests per second to the sentiment route, for its canary (0: none)",
+    )
     demo.set_defaults(func=cmd_demo)
 
     for name, func, help_text in (

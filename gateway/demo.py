@@ -4,25 +4,45 @@ The servers speak two common model APIs so the demo looks like real traffic:
 TF Serving's ``:predict`` (class scores) and OpenAI's ``/v1/chat/completions`` (with
 ``stream: true`` as server-sent events and a ``usage`` block). The challenger answers a
 little differently from the champion, and can be told to fail a share of requests.
+
+The ``sentiment`` route runs a canary, started with the demo and fed by a built-in load
+generator: a healthy challenger walks its steps to ``awaiting_promotion`` in about a
+minute; one with ``--error-rate 0.2`` is rolled back within seconds.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+import itertools
 import os
 import random
 import signal
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import aiohttp
 import orjson
 from aiohttp import web
 
 from gateway import config as config_module
 from gateway.app import Gateway
+from gateway.core.canary import Action
+
+# What the load generator asks the sentiment model about.
+TEXTS = (
+    "I love this",
+    "this is terrible",
+    "not bad at all",
+    "could be better",
+    "absolutely wonderful",
+    "I want my money back",
+    "it works",
+    "meh",
+)
 
 
 @dataclass(frozen=True)
@@ -132,6 +152,25 @@ def model_server_app(
     return app
 
 
+@dataclass(frozen=True)
+class CanaryTimings:
+    """The demo canary's pace. The defaults walk a healthy challenger through its four
+    steps in about a minute at the load generator's default rate (each step needs
+    ``min_requests`` per variant: 0.1 x 50 requests/s gives the challenger 60 in its
+    first 12 s), and roll back one failing a fifth of its requests within about ten
+    seconds. Tests pass faster ones."""
+
+    steps: tuple[float, ...] = (0.1, 0.25, 0.5, 1.0)
+    step_interval_seconds: float = 12.0
+    evaluation_interval_seconds: float = 2.0
+    min_requests: int = 30
+
+    def canary_block(self) -> dict[str, Any]:
+        block = asdict(self)
+        block["steps"] = list(self.steps)
+        return block
+
+
 def demo_config(
     champion_url: str,
     challenger_url: str,
@@ -139,7 +178,11 @@ def demo_config(
     admin_port: int,
     weight: float,
     state_path: str,
+    canary: CanaryTimings | None = None,
 ) -> config_module.GatewayConfig:
+    """The demo's gateway. ``weight``: the chat route's challenger weight (and the
+    sentiment route's until its canary starts, which then sets it)."""
+    canary = canary or CanaryTimings()
     return config_module.parse(
         {
             "server": {"host": "127.0.0.1", "port": port},
@@ -157,6 +200,10 @@ def demo_config(
                     "champion": "sentiment-v1",
                     "challenger": "sentiment-v2",
                     "split": {"challenger_weight": weight},
+                    # The canary the demo starts: it ramps the challenger up step by step
+                    # as long as it does as well as the champion, and rolls it back once
+                    # it is significantly worse. Watch it with `gateway canary status`.
+                    "canary": canary.canary_block(),
                     # Mirror half of the champion's traffic to the challenger and compare:
                     # its small score shift shows up in /api/v1/routes/sentiment/shadow.
                     "shadow": {
@@ -188,7 +235,12 @@ def demo_config(
 
 
 class Demo:
-    """The demo's three servers, started and stopped together."""
+    """The demo's three servers, its load generator and its canary, started and stopped
+    together."""
+
+    # The load generator never has more requests than this waiting for an answer: when
+    # the gateway is slower than the rate, requests are skipped, not queued.
+    MAX_IN_FLIGHT = 16
 
     def __init__(
         self,
@@ -197,10 +249,14 @@ class Demo:
         admin_port: int = 9090,
         weight: float = 0.2,
         error_rate: float = 0.0,
+        canary: CanaryTimings | None = None,
+        load_per_second: float = 50.0,
     ) -> None:
         self.port = port
         self.admin_port = admin_port
         self.weight = weight
+        self.canary = canary or CanaryTimings()
+        self.load_per_second = load_per_second
         self.champion = ModelBehaviour("sentiment-v1")
         self.challenger = ModelBehaviour(
             "sentiment-v2", bias=0.03, error_rate=error_rate, reply_suffix=" Anything else?"
@@ -209,6 +265,9 @@ class Demo:
         self.model_urls: list[str] = []
         self.gateway: Gateway | None = None
         self._state_dir: tempfile.TemporaryDirectory[str] | None = None
+        self._load: asyncio.Task[None] | None = None
+        # What the load generator got back: status code -> count (0: no answer).
+        self.load_statuses: dict[int, int] = {}
 
     async def start(self) -> None:
         for behaviour in (self.champion, self.challenger):
@@ -223,12 +282,19 @@ class Demo:
         state_path = os.path.join(self._state_dir.name, "state.db")
         cfg = demo_config(
             self.model_urls[0], self.model_urls[1], self.port, self.admin_port, self.weight,
-            state_path,
+            state_path, self.canary,
         )  # fmt: skip
         self.gateway = Gateway(cfg)
         await self.gateway.start()
+        # A fresh state file: the canary is idle, and starts at its first step.
+        await self.gateway.controller.command("sentiment", Action.START)
+        if self.load_per_second > 0:
+            self._load = asyncio.create_task(self._generate_load(), name="demo-load")
 
     async def stop(self) -> None:
+        if self._load is not None:
+            self._load.cancel()
+            await asyncio.gather(self._load, return_exceptions=True)
         if self.gateway is not None:
             await self.gateway.stop()
         for runner in self._model_runners:
@@ -236,15 +302,65 @@ class Demo:
         if self._state_dir is not None:
             self._state_dir.cleanup()
 
+    async def _generate_load(self) -> None:
+        """``load_per_second`` predict calls to the gateway, each with a request ID of its
+        own (the split's key), until cancelled."""
+        assert self.gateway is not None
+        url = f"http://127.0.0.1:{self.gateway.proxy_port}/v1/models/sentiment:predict"
+        run = f"{random.getrandbits(32):08x}"
+        rng = random.Random()
+        loop = asyncio.get_running_loop()
+        in_flight: set[asyncio.Task[None]] = set()
+        interval = 1.0 / self.load_per_second
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            try:
+                due = loop.time()
+                for n in itertools.count(1):
+                    if len(in_flight) < self.MAX_IN_FLIGHT:
+                        body = {"instances": [rng.choice(TEXTS)]}
+                        task = loop.create_task(
+                            self._one_request(session, url, f"load-{run}-{n}", body)
+                        )
+                        in_flight.add(task)
+                        task.add_done_callback(in_flight.discard)
+                    due += interval
+                    delay = due - loop.time()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    else:  # behind: go on at the rate from now rather than burst
+                        due = loop.time()
+                        await asyncio.sleep(0)
+            finally:
+                for task in in_flight:
+                    task.cancel()
+                await asyncio.gather(*in_flight, return_exceptions=True)
+
+    async def _one_request(
+        self, session: aiohttp.ClientSession, url: str, request_id: str, body: dict[str, Any]
+    ) -> None:
+        status = 0
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.post(url, json=body, headers={"X-Request-ID": request_id}) as r:
+                await r.read()
+                status = r.status
+        self.load_statuses[status] = self.load_statuses.get(status, 0) + 1
+
     def banner(self) -> str:
         assert self.gateway is not None
         gw = f"http://127.0.0.1:{self.gateway.proxy_port}"
         admin = f"http://127.0.0.1:{self.gateway.admin_port}"
+        steps = " -> ".join(f"{w:g}" for w in self.canary.steps)
+        if self.load_per_second > 0:
+            load = f"{self.load_per_second:g} requests/s of built-in load"
+        else:
+            load = "no built-in load (--load 0): it waits for your requests"
         return "\n".join(
             [
                 "gateway demo is running (Ctrl-C to stop)",
                 f"  champion   sentiment-v1  {self.model_urls[0]}",
-                f"  challenger sentiment-v2  {self.model_urls[1]}  (weight {self.weight:g})",
+                f"  challenger sentiment-v2  {self.model_urls[1]}"
+                f"  (error rate {self.challenger.error_rate:g})",
                 f"  gateway    {gw}",
                 f"  admin      {admin}  (/metrics, /api/v1/routes)",
                 "",
@@ -255,19 +371,36 @@ class Demo:
                 '-d \'{"messages": [{"role": "user", "content": "hello"}], "stream": true}\'',
                 f"  curl -s {admin}/api/v1/routes/sentiment/shadow   # champion vs challenger",
                 f"  gateway status --admin {admin}",
-                f"  gateway weight sentiment 0.5 --admin {admin}",
+                f"  gateway weight chat 0.5 --admin {admin}   # the canary steers sentiment's",
+                "",
+                f"canary: sentiment's challenger ramps up through weights {steps}, a step every "
+                f"{self.canary.step_interval_seconds:g}s or more, under {load};",
+                "it is rolled back as soon as it fails significantly more than the champion "
+                "(try gateway demo --error-rate 0.2). Watch it:",
+                f"  gateway canary status sentiment --watch --admin {admin}",
+                "and once it is awaiting_promotion (or at any time):",
+                f"  gateway canary promote sentiment --admin {admin}",
+                f"  gateway canary rollback sentiment --admin {admin}",
             ]
         )
 
 
-async def run_demo(port: int, admin_port: int, weight: float, error_rate: float) -> None:
-    demo = Demo(port=port, admin_port=admin_port, weight=weight, error_rate=error_rate)
+async def run_demo(
+    port: int, admin_port: int, weight: float, error_rate: float, load_per_second: float = 50.0
+) -> None:
+    demo = Demo(
+        port=port,
+        admin_port=admin_port,
+        weight=weight,
+        error_rate=error_rate,
+        load_per_second=load_per_second,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    await demo.start()
     try:
+        await demo.start()
         print(demo.banner(), flush=True)
         await stop.wait()
         print("\nstopping…", flush=True)
