@@ -210,10 +210,10 @@ async def test_start_status_pause_resume_rollback(
             counts = view["counts"][key][variant]
             assert cell.startswith(f"{counts['requests']}, {counts['failures']} failed, "), line
     decision = view["last_decision"]
-    # The last decision is the operator's pause (it has no checks); the controller's
-    # decisions before it are in the history.
-    assert "last decision" in text and decision["action"] == "pause"
-    assert "pause (operator): pause by an operator" in text
+    # The last decision is still the controller's, with its checks (why it held or moved
+    # before the pause); the operator's pause is the history's last entry.
+    assert "last decision" in text and decision["action"] in ("hold", "advance")
+    assert decision["checks"] and f"{decision['action']} ({decision['reason']})" in text
     history = [line.split() for line in text.split("history")[1].splitlines()[1:]]
     assert [h[1] for h in history][-1] == "pause"
     assert history[0][1] in ("start", "hold", "advance")

@@ -326,8 +326,8 @@ def check_error_rate(
         bound,
         lambda: (
             f"failure rate challenger {_pct(x.failures, x.requests)} vs champion "
-            f"{_pct(c.failures, c.requests)} in the canary; the challenger is worse by at "
-            f"least {bound:+.2%} (limit {limit:.2%})"
+            f"{_pct(c.failures, c.requests)} in the canary; with confidence, the difference "
+            f"is at least {bound:+.2%} (rollback above {limit:+.2%})"
         ),
     )
 
@@ -630,9 +630,15 @@ def _moved(
     decision: Decision | None = None,
     **changes: Any,
 ) -> Status:
+    """``status`` after a move: its history gains an entry. ``last_decision`` is the
+    controller's latest decision with the checks and evidence it rested on (the move it
+    led to named as applied, e.g. a promotion for an advance past the last step); an
+    operator's command leaves it, so a paused canary still shows why it was holding."""
     moved = replace(status, updated_at=now, reason=reason.value, **changes)
     entry = _entry(action, reason, message, moved, now)
-    last = {**entry, **decision.as_dict()} if decision is not None else entry
+    last = moved.last_decision
+    if decision is not None:
+        last = {**decision.as_dict(), **entry, "explanation": decision.message}
     return replace(moved, last_decision=last, history=_remember(status.history, entry))
 
 
@@ -658,7 +664,7 @@ def restart(
     return _moved(
         status, now, Action.START, reason, f"step 1 of {len(policy.steps)} at weight {weight:g}",
         state=State.PROGRESSING, canary_id=canary_id, step=0, weight=weight,
-        step_started=now, started_at=now, challenger=challenger,
+        step_started=now, started_at=now, challenger=challenger, last_decision=None,
     )  # fmt: skip
 
 
