@@ -319,7 +319,8 @@ class CanaryConfig(_Strict):
     max_error_rate_increase: Probability = 0.01
     success_threshold: Probability = 0.99
     confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
-    max_latency_ratio: Annotated[float, Field(gt=0.0)] | None = None
+    # At least 1: below, a challenger exactly as fast as the champion would be "slower".
+    max_latency_ratio: Annotated[float, Field(ge=1.0)] | None = None
     latency_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
     min_shadow_agreement: Probability | None = None
     # Default: 10 x step_interval_seconds.
@@ -344,6 +345,9 @@ class CanaryConfig(_Strict):
         for before, after in itertools.pairwise(value):
             if after <= before:
                 raise ValueError(f"steps must increase, got {after} after {before}")
+        if value[0] >= 1:
+            # At weight 1 the champion gets nothing to compare the challenger with.
+            raise ValueError(f"the first step must be below 1, got {value[0]}")
         return value
 
     @model_validator(mode="after")
@@ -354,6 +358,11 @@ class CanaryConfig(_Strict):
                 "steps: give either steps or initial_weight/step_size/max_weight, not both"
             )
         initial, maximum = self.resolved_steps[0], self.resolved_steps[-1]
+        if initial >= 1:
+            raise ValueError(
+                f"initial_weight: must be below 1 (the champion needs traffic to compare "
+                f"with), got {initial}"
+            )
         if initial <= 0 or maximum < initial:
             raise ValueError(
                 f"max_weight: must be at least initial_weight ({initial}) and above 0, "
