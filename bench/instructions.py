@@ -66,7 +66,6 @@ _TOTALS = re.compile(rb"^totals: (\d+)", re.MULTILINE)
 # before instrumentation stops, so their cost is counted with the requests that caused it.
 _SETTLE_SECONDS = 2.0
 _STARTUP_SECONDS = 180.0
-_IDLE_SECONDS = 5.0
 _TRACE_INTERVAL_SECONDS = 3600  # the longest allowed: see Cell.__init__
 
 
@@ -79,6 +78,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=2000, help="counted requests per cell")
     parser.add_argument("--warmup", type=int, default=300, help="uncounted requests first")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=5.0,
+        help="seconds over which the timers' instructions a second are counted (a canary's "
+        "come in bursts once a second: 30 takes them out to within a few hundred "
+        "instructions a request, with --requests 10000)",
+    )
     parser.add_argument(
         "--only",
         default="plain,split,traces,shadow",
@@ -156,8 +163,11 @@ class Cell:
             port, admin_port, workdir / f"{self.name}-state.db", redis_url, f"gwir{port}"
         )
         self.redis_url = redis_url
-        # Deleted once the cell is measured (a canary's status and counts stay otherwise).
-        self.state_prefix = listen.state_prefix if feature.traces else None
+        # The cell's keys in Redis, deleted once it is measured: its trace windows and
+        # state (a canary's status and counts would stay for good otherwise).
+        self.key_patterns = (
+            [listen.trace_prefix + ":*", listen.state_prefix + ":*"] if feature.traces else []
+        )
         document = scale_document(
             feature,
             listen,
@@ -218,15 +228,19 @@ class Cell:
             raise ChildFailed(f"{self.name}: callgrind wrote no dump\n{self.child.log_tail()}")
         return callgrind_totals(dumps[-1]), seconds
 
-    def measure(self, requests: int, warmup: int, connections: int) -> dict[str, Any]:
+    def measure(
+        self, requests: int, warmup: int, connections: int, idle_for: float
+    ) -> dict[str, Any]:
         self.children.wait_ready(self.child, self._ready, timeout=_STARTUP_SECONDS)
         if self.feature.canary:
             start_canaries(self.admin_url, self.routes, self.child)
         asyncio.run(send(self.base_url, self.paths, warmup, connections, "warm"))
         # Timers (the state store's poll, the trace writer) cost per second, not per
         # request: 50x slower under valgrind, they would weigh 50x too much. Their rate
-        # is measured idle and taken out.
-        idle, idle_seconds = self.counted(lambda: time.sleep(_IDLE_SECONDS))
+        # is measured idle and taken out. Timers that fire once a second make the count
+        # over a window depend on how many firings fall in it (one more in 5 s is 20 %),
+        # in the idle window and in the loaded one alike: longer windows, less of that.
+        idle, idle_seconds = self.counted(lambda: time.sleep(idle_for))
         idle_rate = idle / idle_seconds
         before = self.metrics()
 
@@ -238,8 +252,8 @@ class Cell:
         after = self.metrics()
         activity = canary_activity(self.admin_url, self.routes) if self.feature.canary else None
         self.children.stop(self.child)
-        if self.state_prefix is not None:
-            redis_take_keys(self.redis_url, self.state_prefix + ":*")
+        for pattern in self.key_patterns:
+            redis_take_keys(self.redis_url, pattern)
         instructions = loaded - idle_rate * seconds
         result: dict[str, Any] = {
             "name": self.name,
@@ -294,7 +308,7 @@ def run(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 cache_sim=args.cache_sim,
             )
             print(f"[callgrind] {cell.label} ...", file=sys.stderr, flush=True)
-            result = cell.measure(args.requests, args.warmup, args.connections)
+            result = cell.measure(args.requests, args.warmup, args.connections, args.idle)
             print(
                 f"[callgrind] {cell.label}: {result['per_request']:,.0f} instructions/request"
                 + (f" ({result['canary']})" if "canary" in result else ""),

@@ -51,7 +51,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-pin", action="store_true")
     args = parser.parse_args(argv)
     # What Bench reads from bench.run's options.
-    args.loadgen, args.upstream, args.retries, args.quiet_wait = "wrk", "auto", 0, 0.0
+    # wrk when installed; without it the Python client (a profile needs load, not figures).
+    args.loadgen, args.upstream, args.retries, args.quiet_wait = "auto", "auto", 0, 0.0
     return args
 
 

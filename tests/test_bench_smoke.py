@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -137,7 +138,7 @@ def test_paired_canary_side_runs_a_started_canary_against_traces(tmp_path: Path)
     assert "adds <= 3 us CPU/request" in check["check"] and check["measured"].endswith(")")
     # The canary was started and counted the side's requests into its step, in the store.
     (note,) = [n for n in result["meta"]["notes"] if n.startswith("canary (last round)")]
-    assert "canary active (progressing at weight 0.5;" in note, note
+    assert "canary active (" in note and " at weight 0.5;" in note, note
     # Its status and counts went with the run (every gateway had prefixes of its own).
     pattern = f"gwbench{result['meta']['run_id']}g*"
     with redis.Redis.from_url(REDIS_URL) as client:
@@ -153,7 +154,28 @@ def test_table_mode_starts_the_canary_cell(tmp_path: Path) -> None:
     )  # fmt: skip
     assert_served(result, ["canary"])
     notes = result["summaries"]["canary"]["notes"]
-    assert any(n.startswith("canary active (progressing at weight 0.5;") for n in notes), notes
+    assert any(n.startswith("canary active (") and " at weight 0.5;" in n for n in notes), notes
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+def test_store_calls_of_a_running_canary_are_per_second_not_per_request(tmp_path: Path) -> None:
+    out = tmp_path / "calls.json"
+    command = [
+        sys.executable, "-m", "bench.store_calls", "--only=canary", "--requests=1000",
+        "--idle=1.5", "--warmup=100", f"--json={out}",
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=80, check=False
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    (cell,) = json.loads(out.read_text())["cells"]
+    assert "canary active (" in cell["canary"], cell
+    # The canary talks to the store every second, idle or not (its status at least)...
+    assert cell["idle_commands"].get("HMGET", 0) >= 1, cell
+    # ... and not per request: 1,000 requests in a second or so make a few dozen at most.
+    assert cell["per_request"] < 0.2, cell
+    assert "| commands/request |" in done.stdout
 
 
 def test_pairs_are_checked_by_name() -> None:
