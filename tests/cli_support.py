@@ -7,8 +7,6 @@ import asyncio
 import os
 import subprocess
 import sys
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -98,18 +96,3 @@ async def run_main(capsys: pytest.CaptureFixture[str], *args: str) -> CliResult:
     code = await asyncio.to_thread(call)
     captured = capsys.readouterr()
     return CliResult(code, captured.out, captured.err)
-
-
-async def wait_for(
-    condition: Callable[[], Awaitable[T]], what: str, *, within: float = 10.0, every: float = 0.05
-) -> T:
-    """Poll ``condition`` until it returns something truthy and return that; fail once
-    ``within`` seconds have passed, naming ``what`` and the last result."""
-    deadline = time.monotonic() + within
-    while True:
-        value = await condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {within}s waiting for {what} (last: {value!r})")
-        await asyncio.sleep(every)

@@ -4,9 +4,7 @@ the operator's commands, against a real gateway with a fast canary and real traf
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
-import itertools
 import json
 import os
 import pty
@@ -14,17 +12,18 @@ import re
 import signal
 import struct
 import termios
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import pytest
 
 from gateway.app import Gateway
-from tests.cli_support import CLI, ROOT, CliResult, cli_env, run_main, wait_for
+from tests.canary_support import canary, reaches, traffic
+from tests.cli_support import CLI, ROOT, CliResult, cli_env, run_main
 from tests.conftest import StartApp, StartGateway
 from tests.helpers.ports import free_port
-from tests.support import admin_url, gateway_document, named_app, proxy_url
+from tests.helpers.waiting import wait_until
+from tests.support import admin_url, gateway_document, named_app
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -68,43 +67,12 @@ async def start_canary_gateway(
     return await start_gateway(document)
 
 
-@contextlib.asynccontextmanager
-async def traffic(http: aiohttp.ClientSession, gateway: Gateway) -> AsyncIterator[list[int]]:
-    """Requests to ``sentiment`` with distinct request IDs (the split's key) until the
-    block ends; yields the statuses the clients got."""
-    statuses: list[int] = []
-    numbers = itertools.count()
-
-    async def client() -> None:
-        while True:
-            n = next(numbers)
-            headers = {"X-Request-ID": f"cli-{n}"}
-            async with http.post(proxy_url(gateway, "/sentiment"), headers=headers) as r:
-                await r.read()
-                statuses.append(r.status)
-            await asyncio.sleep(0.005)
-
-    tasks = [asyncio.create_task(client()) for _ in range(4)]
-    try:
-        yield statuses
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
 async def canary_view(http: aiohttp.ClientSession, gateway: Gateway) -> Any:
-    async with http.get(admin_url(gateway, "/api/v1/routes/sentiment/canary")) as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
+    return await canary(http, gateway, "sentiment")
 
 
-async def reaches(http: aiohttp.ClientSession, gateway: Gateway, state: str) -> Any:
-    async def check() -> Any:
-        view = await canary_view(http, gateway)
-        return view if view["state"] == state else None
-
-    return await wait_for(check, f"the canary to be {state}", within=15)
+async def reaches_state(http: aiohttp.ClientSession, gateway: Gateway, state: str) -> Any:
+    return await reaches(http, gateway, state, within=15, route="sentiment")
 
 
 def assert_refused(result: CliResult, *fragments: str) -> None:
@@ -164,7 +132,7 @@ async def test_start_status_pause_resume_rollback(
     assert started.stdout == "sentiment: progressing, step 1 of 2, weight 0.5 (started)\n"
     assert gateway.routes["sentiment"].weight == 0.5
 
-    async with traffic(http, gateway) as statuses:
+    async with traffic(http, gateway, path="/sentiment") as statuses:
 
         async def decided_on_both_variants() -> Any:
             view = await canary_view(http, gateway)
@@ -173,7 +141,9 @@ async def test_start_status_pause_resume_rollback(
             counted = all(step[v]["requests"] > 0 for v in ("champion", "challenger"))
             return view if decision.get("checks") and counted else None
 
-        await wait_for(decided_on_both_variants, "a decision on requests to both variants")
+        await wait_until(
+        decided_on_both_variants, "a decision on requests to both variants", within=10
+    )
         paused = await run_main(capsys, "canary", "pause", "sentiment", "--admin", admin)
     assert paused.returncode == 0, paused.describe()
     assert re.fullmatch(
@@ -191,7 +161,9 @@ async def test_start_status_pause_resume_rollback(
         last[0] = view
         return view if still else None
 
-    view = await wait_for(settled, "the paused canary's counts to settle", every=0.3)
+    view = await wait_until(
+        settled, "the paused canary's counts to settle", within=10, every=0.3
+    )
     step = view["step"] + 1
 
     detail = await run_main(capsys, "canary", "status", "sentiment", "--admin", admin)
@@ -230,8 +202,8 @@ async def test_start_status_pause_resume_rollback(
     resumed = await run_main(capsys, "canary", "resume", "sentiment", "--admin", admin)
     assert resumed.returncode == 0, resumed.describe()
     assert resumed.stdout.startswith("sentiment: progressing, step ")
-    async with traffic(http, gateway):
-        await reaches(http, gateway, "awaiting_promotion")
+    async with traffic(http, gateway, path="/sentiment"):
+        await reaches_state(http, gateway, "awaiting_promotion")
         evaluated = await run_main(capsys, "canary", "status", "sentiment", "--admin", admin)
         listed = await run_main(capsys, "canary", "status", "--admin", admin)
     assert rows(listed)[1] == [
@@ -347,10 +319,10 @@ async def test_watch_piped_follows_the_canary_until_ctrl_c(
                 seen.append(line)
                 return line if fragment in line else None
 
-            return await wait_for(next_line, f"a line with {fragment!r}", within=15, every=0)
+            return await wait_until(next_line, f"a line with {fragment!r}", within=15, every=0)
 
         assert "sentiment: idle, step - of 2, weight 0" in await line_with("sentiment:")
-        async with traffic(http, gateway):
+        async with traffic(http, gateway, path="/sentiment"):
             async with http.post(admin_url(gateway, "/api/v1/routes/sentiment/canary/start")) as r:
                 assert r.status == 200, await r.text()
             # A refresh a second: the first step (half a second) may pass unseen.
@@ -415,9 +387,9 @@ async def test_watch_in_a_terminal_redraws_until_ctrl_c(
                 text = shown()
                 return text.count("Ctrl-C to stop") >= 2 and fragment in text
 
-            async with traffic(http, gateway):
-                await wait_for(lambda: redrawn("sentiment  "), "a redrawn live view", within=15)
-                await wait_for(
+            async with traffic(http, gateway, path="/sentiment"):
+                await wait_until(lambda: redrawn("sentiment  "), "a redrawn live view", within=15)
+                await wait_until(
                     lambda: redrawn("sentiment  awaiting_promotion"),
                     "the view to follow the canary to its last step",
                     within=15,

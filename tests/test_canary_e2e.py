@@ -5,11 +5,8 @@ of half a second, evaluations every 0.1 s); the decision rule is the default one
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import random
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +16,7 @@ import yaml
 from aiohttp import web
 
 from gateway.app import Gateway
+from tests.canary_support import canary, command, reaches, traffic
 from tests.conftest import StartApp, StartGateway
 from tests.helpers.apps import catch_all_app
 from tests.helpers.ports import free_port
@@ -73,64 +71,6 @@ def canary_document(
         ],
         tracing={"enabled": False},
     )
-
-
-@contextlib.asynccontextmanager
-async def traffic(
-    http: aiohttp.ClientSession, *gateways: Gateway | str, path: str = "/m/predict"
-) -> AsyncIterator[list[int]]:
-    """Requests with distinct IDs, round robin over ``gateways`` (or their base URLs),
-    until the block ends; yields the statuses the clients got."""
-    statuses: list[int] = []
-    numbers = itertools.count()
-    urls = [g + path if isinstance(g, str) else proxy_url(g, path) for g in gateways]
-
-    async def client() -> None:
-        while True:
-            n = next(numbers)
-            url = urls[n % len(urls)]
-            try:
-                async with http.post(url, data=b"{}", headers={"X-Request-ID": f"t-{n}"}) as r:
-                    await r.read()
-                    statuses.append(r.status)
-            except aiohttp.ClientError:
-                statuses.append(0)  # a gateway that was killed under the load
-            await asyncio.sleep(0.002)
-
-    tasks = [asyncio.create_task(client()) for _ in range(4)]
-    try:
-        yield statuses
-    finally:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _admin(gateway: Gateway | str, path: str) -> str:
-    return gateway + path if isinstance(gateway, str) else admin_url(gateway, path)
-
-
-async def canary(http: aiohttp.ClientSession, gateway: Gateway | str, route: str = "m") -> Any:
-    async with http.get(_admin(gateway, f"/api/v1/routes/{route}/canary")) as response:
-        assert response.status == 200, await response.text()
-        return await response.json()
-
-
-async def command(
-    http: aiohttp.ClientSession, gateway: Gateway | str, verb: str, route: str = "m"
-) -> tuple[int, Any]:
-    async with http.post(_admin(gateway, f"/api/v1/routes/{route}/canary/{verb}")) as r:
-        return r.status, await r.json()
-
-
-async def reaches(
-    http: aiohttp.ClientSession, gateway: Gateway | str, *states: str, within: float = 20
-) -> Any:
-    async def check() -> Any:
-        view = await canary(http, gateway)
-        return view if view["state"] in states else None
-
-    return await wait_until(check, f"the canary to be {' or '.join(states)}", within=within)
 
 
 def decisions(metrics: Scrape, route: str = "m") -> dict[str, int]:

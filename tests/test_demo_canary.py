@@ -12,7 +12,8 @@ import aiohttp
 import pytest
 
 from gateway.demo import CanaryTimings, Demo
-from tests.cli_support import run_main, wait_for
+from tests.cli_support import run_main
+from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -54,7 +55,7 @@ async def canary_reaches(
             view = await response.json()
         return view if view["state"] in states else None
 
-    return await wait_for(check, f"the demo's canary to be {' or '.join(states)}", within=within)
+    return await wait_until(check, f"the demo's canary to be {' or '.join(states)}", within=within)
 
 
 def test_the_real_demo_takes_about_a_minute() -> None:
