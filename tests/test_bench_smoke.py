@@ -2,8 +2,9 @@
 
 One feature set, one round, one-second cells. Works without wrk or nginx: the harness
 falls back to its Python upstream and client, and the second test forces that path so it
-stays working on machines that have both. The canary cell needs Redis (the shared one on
-6379, under the harness's own key prefixes) and is skipped without it.
+stays working on machines that have both. The canary cell needs Redis (the suite's, see
+tests/redis_fixtures.py; the harness uses key prefixes of its own) and is skipped without
+it.
 """
 
 from __future__ import annotations
@@ -20,9 +21,9 @@ import pytest
 import redis
 
 from bench.nginx import nginx_binary
+from tests.redis_fixtures import SHARED_REDIS_URL as REDIS_URL
 
 REPO = Path(__file__).resolve().parent.parent
-REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def redis_up() -> bool:
