@@ -346,7 +346,7 @@ async def test_large_answer_to_a_slow_reader_is_intact_and_bounded(
     peak = 0
     async for chunk in response.chunks():
         digest.update(chunk)
-        peak = max(peak, response._conn.buffered)
+        peak = max(peak, response._exchange.buffered)
         await asyncio.sleep(0)  # a slow client: the backend must wait, not pile up
     response.release()
     assert digest.digest() == hashlib.sha256(payload).digest()
