@@ -90,6 +90,13 @@ async def seconds_to_time_out(client: UpstreamClient, origin: Origin, read_timeo
     return loop.time() - started
 
 
+async def error_reason(client: UpstreamClient, origin: Origin) -> str:
+    """The reason of the UpstreamError a request failed with (failing if it did not)."""
+    with pytest.raises(UpstreamError) as caught:
+        await body_of(client, origin)
+    return caught.value.reason
+
+
 OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
 
 
@@ -114,6 +121,21 @@ async def answers_every_request(reader: asyncio.StreamReader, writer: asyncio.St
         writer.write(OK_ANSWER)
         await writer.drain()
     writer.close()
+
+
+def answers_once(answer: bytes, *, hold_open: bool = False) -> Handler:
+    """A raw handler that reads one request, writes ``answer`` and closes the connection:
+    at once, or (``hold_open``) once the client has closed its side."""
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(answer)
+        await writer.drain()
+        if hold_open:
+            await reader.read()
+        writer.close()
+
+    return handler
 
 
 async def answers_once_then_silence(
@@ -149,21 +171,12 @@ async def test_keep_alive_reuses_one_connection(
 async def test_a_closed_idle_connection_is_retried_on_a_new_one(
     raw_server: RawServer, client: UpstreamClient
 ) -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await read_request(reader)
-        # Claims keep-alive, then closes: the next request finds a dead pooled connection.
-        writer.write(OK_ANSWER)
-        await writer.drain()
-        writer.close()
-
+    # Claims keep-alive, then closes: the next request finds a dead pooled connection.
+    handler = Counted(answers_once(OK_ANSWER))
     origin = await raw_server(handler)
     for _ in range(4):
         assert await body_of(client, origin, "POST", body=b"{}") == (200, b"ok")
-    assert connections == 4
+    assert handler.connections == 4
 
 
 async def test_chunked_and_informational_answers(
@@ -192,22 +205,15 @@ async def test_chunked_and_informational_answers(
 async def test_head_answer_has_no_body_and_is_not_reused(
     raw_server: RawServer, client: UpstreamClient
 ) -> None:
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
-        await read_request(reader)
-        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n")
-        await writer.drain()
-        await reader.read()  # keep the connection open until the client closes it
-        writer.close()
-
+    # The connection stays open until the client closes it: only the client's choice
+    # not to reuse it makes the second request take a new one.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n"
+    handler = Counted(answers_once(answer, hold_open=True))
     origin = await raw_server(handler)
     for _ in range(2):
         status, body = await body_of(client, origin, "HEAD")
         assert (status, body) == (200, b"")
-    assert connections == 2
+    assert handler.connections == 2
 
 
 async def test_garbage_is_a_protocol_error(raw_server: RawServer, client: UpstreamClient) -> None:
@@ -216,10 +222,7 @@ async def test_garbage_is_a_protocol_error(raw_server: RawServer, client: Upstre
         writer.write(b"SMTP READY\r\n\r\n")
         await writer.drain()
 
-    origin = await raw_server(handler)
-    with pytest.raises(UpstreamError) as caught:
-        await body_of(client, origin)
-    assert caught.value.reason == "protocol"
+    assert await error_reason(client, await raw_server(handler)) == "protocol"
 
 
 async def test_silence_is_a_timeout_and_so_is_a_stalled_body(
@@ -298,9 +301,7 @@ async def test_refused_connection(client: UpstreamClient) -> None:
     from tests.helpers.ports import free_port
 
     origin = Origin.parse("http", "127.0.0.1", free_port())
-    with pytest.raises(UpstreamError) as caught:
-        await body_of(client, origin)
-    assert caught.value.reason == "connect"
+    assert await error_reason(client, origin) == "connect"
 
 
 async def test_early_answer_while_the_body_is_still_streaming(
@@ -360,11 +361,7 @@ async def test_connection_is_not_reused_after_an_early_answer(
 ) -> None:
     # The backend answers (keep-alive) before it has read the body. Reusing that
     # connection would hand the rest of the old body to the next request as its head.
-    connections = 0
-
-    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal connections
-        connections += 1
+    async def answers_early(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         head = await reader.readuntil(b"\r\n\r\n")
         if head.startswith(b"POST"):
             writer.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 0\r\n\r\n")
@@ -380,6 +377,7 @@ async def test_connection_is_not_reused_after_an_early_answer(
         await stalled.wait()
         yield b"y" * 100
 
+    handler = Counted(answers_early)
     origin = await raw_server(handler)
     response = await client.request(
         origin, "POST", "/", [], slow_body(), content_length=200, connect_timeout=2,
@@ -390,7 +388,7 @@ async def test_connection_is_not_reused_after_an_early_answer(
     response.release()
     stalled.set()
     assert await body_of(client, origin) == (200, b"ok")
-    assert connections == 2
+    assert handler.connections == 2
 
 
 def _head_line_by_line(
