@@ -1,4 +1,5 @@
-"""Every Prometheus metric of the gateway, defined in one place; their names are a published contract.
+"""Every Prometheus metric of the gateway, defined in one place (their names are a
+published contract).
 
 Each gateway instance owns a ``CollectorRegistry`` so that several gateways can live in
 one process (tests, ``gateway demo``). Requests are counted per route and variant in
