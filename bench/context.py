@@ -182,7 +182,10 @@ class Bench:
         routes: int = 1,
         name: str | None = None,
         label: str | None = None,
+        code: Path | None = None,
     ) -> Target:
+        """A gateway with ``feature``; ``code``: a checkout whose ``gateway`` package it
+        runs instead of this one's (to compare two versions of the code, paired)."""
         name = name or feature.value
         listen = Listen(
             port=free_port(),
@@ -201,10 +204,15 @@ class Bench:
         config = gateway_configs.write(document, self.workdir / f"gateway-{name}.yaml")
         if feature.traces:
             self._state_prefixes.append(listen.state_prefix)
+        env = None
+        if code is not None:
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(code), env.get("PYTHONPATH")]))
         child = self.children.start(
             f"gateway-{name}",
             [*gateway_command(), "run", "-c", str(config)],
             cpus=self.pinning.proxy_cpus,
+            env=env,
         )
         admin = f"http://127.0.0.1:{listen.admin_port}"
         return Target(

@@ -32,6 +32,7 @@ import argparse
 import statistics
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from bench.context import Bench, Target, canary_activity
@@ -155,10 +156,10 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
     upstream = bench.start_upstream([free_port() for _ in range(8)])
     started: list[Target] = []
 
-    def start(name: str) -> Target:
+    def start(name: str, code: Path | None) -> Target:
         feature, cell = _CELLS[name]
         target = bench.start_gateway(
-            feature, upstream.urls[: cell.endpoints], routes=cell.routes, name=name
+            feature, upstream.urls[: cell.endpoints], routes=cell.routes, name=name, code=code
         )
         started.append(target)
         return target
@@ -186,7 +187,8 @@ def run_paired(bench: Bench, args: argparse.Namespace) -> dict[str, Any]:
                 order = [pair.measured, pair.reference]
                 if round_no % 2 == 0:
                     order.reverse()
-                targets = {name: start(name) for name in order}
+                code = {pair.measured: args.measured_code, pair.reference: args.reference_code}
+                targets = {name: start(name, code[name]) for name in order}
                 bench.wait_all_ready(list(targets.values()))
                 for name, target in targets.items():
                     for path in _CELLS[name][1].paths:

@@ -100,6 +100,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="--paired: comma-separated measured sides to run, each against its reference "
         f"(default all: {', '.join(p.measured for p in PAIRS)})",
     )
+    for side in ("measured", "reference"):
+        parser.add_argument(
+            f"--{side}-code",
+            type=Path,
+            default=None,
+            metavar="DIR",
+            help=f"--paired: the {side} side runs the gateway package of the checkout DIR "
+            "(compare two versions of the code: --pairs split-again, the A/A pair)",
+        )
     parser.add_argument(
         "--cells",
         default=",".join(SCALE_CELLS),

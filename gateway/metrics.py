@@ -202,7 +202,7 @@ class RouteMetrics:
         # Observations per latency bucket, the last one past the largest bound (+Inf).
         self._buckets = [0] * (len(LATENCY_BUCKETS) + 1)
         self._seconds = 0.0
-        self.cut_off = 0  # answers the upstream broke off mid-stream (the client saw it)
+        self.cut_off = 0  # answers below 500 the upstream broke off mid-stream
         # What the last sync had moved into Prometheus: (codes, buckets, seconds).
         self._synced: tuple[dict[_Label, int], list[int], float] = ({}, list(self._buckets), 0.0)
         self._duration = metrics.duration.labels(route, variant)
@@ -234,7 +234,8 @@ class RouteMetrics:
         answers cut off) and answers per latency bucket."""
         failures = sum(n for code, n in self._codes.items() if int(code) >= 500)
         buckets = tuple(self._buckets)
-        return sum(buckets), failures + self.cut_off, buckets
+        answers = sum(buckets)
+        return answers, min(failures + self.cut_off, answers), buckets
 
     def sync(self) -> None:
         """Add what was counted since the last sync to the Prometheus metrics."""

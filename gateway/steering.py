@@ -37,7 +37,8 @@ from typing import Any
 from gateway.core.split import threshold, weight_problem
 from gateway.metrics import Metrics
 from gateway.runtime import RouteRuntime, Runtime
-from gateway.store import StateStore, StoreError, watch_revisions
+from gateway.store import StateStore, StoreError
+from gateway.store.base import DEFAULT_POLL_SECONDS
 from gateway.upstream import BackendPool
 
 log = logging.getLogger("gateway.steering")
@@ -145,6 +146,7 @@ class Steering:
         self._overrides: dict[str, Override] = {}
         self._promotions: dict[str, Promotion] = {}
         self._locks: dict[str, str] = {}  # route -> the actor that alone may set its weight
+        self._actors: dict[str, str] = {}  # route -> who set its runtime weight
         self._store: StateStore | None = None
 
     @property
@@ -159,7 +161,7 @@ class Steering:
         keeps the runtime state the file has not overruled since, and takes the file's
         otherwise."""
         self._routes, self._pools = dict(runtime.routes), runtime.pools
-        for kept in (self._overrides, self._promotions, self._locks):
+        for kept in (self._overrides, self._promotions, self._locks, self._actors):
             for name in [n for n in kept if n not in self._routes]:
                 del kept[name]
         for name, route in self._routes.items():
@@ -192,7 +194,9 @@ class Steering:
         took it. Applied either way: a rollback must work while the store is down."""
         route = self._route(name)
         owner = self._locks.get(name)
-        if owner is not None and owner != actor:
+        if owner is not None and owner != actor and weight != 0:
+            # Taking all traffic off the challenger is never refused: it is the emergency
+            # brake, and must work while the store (and so the canary's commands) is down.
             raise SteeringError(
                 409, f"{owner}_active", f"route {name!r} is driven by its {owner}: pause it first"
             )
@@ -204,9 +208,14 @@ class Steering:
         assert isinstance(weight, int | float)
         override = Override(float(weight), route.config.split.challenger_weight)
         self._overrides[name] = override
+        self._actors[name] = actor
         self._apply(route, override.weight)
         log.info("route %s: challenger weight set to %g by %s", name, override.weight, actor)
         return route, await self._put(name, weight_key(name), override.record(actor))
+
+    def weight_set_by(self, name: str) -> str | None:
+        """Who set the route's current runtime weight (None: it is the file's)."""
+        return self._actors.get(name) if name in self._overrides else None
 
     async def promote(self, name: str, *, actor: str) -> bool:
         """Make the route's challenger its champion for all traffic; returns whether the
@@ -214,34 +223,63 @@ class Steering:
         route = self._route(name)
         challenger = route.challenger
         if challenger is None:
+            if name in self._promotions:
+                return True  # promoted already (by another replica, seen through the store)
             raise SteeringError(409, "no_challenger", f"route {name!r} has no challenger")
         promotion = Promotion(
             challenger.name, route.champion.name, route.config.champion, route.config.challenger
         )
         self._promotions[name] = promotion
         self._apply_backends(route, promotion)
-        self._overrides.pop(name, None)
-        self._apply(route, 0.0)
+        weight = self._set_override(route, 0.0, actor)
         log.info("route %s: %s promoted to champion by %s", name, challenger.name, actor)
-        return await self._put(name, promotion_key(name), promotion.record(actor))
+        # The weight first: a replica that reads between the two writes then sees no
+        # challenger traffic either way, never the canary's last weight.
+        stored = await self._put(name, weight_key(name), weight.record(actor))
+        return await self._put(name, promotion_key(name), promotion.record(actor)) and stored
 
     async def demote(self, name: str, *, actor: str) -> bool:
         """Undo a promotion: the former champion serves all traffic again and the
         promoted backend is the challenger at weight 0. Returns whether the store took it."""
         route = self._route(name)
-        if self._promotions.pop(name, None) is None:
-            raise SteeringError(409, "not_promoted", f"route {name!r} has no promotion to undo")
+        # Undone even where this process has not seen the promotion yet (it came through
+        # another replica less than a second ago): the records below are what counts.
+        self._promotions.pop(name, None)
         self._apply_backends(route, None)
-        self._overrides[name] = Override(0.0, route.config.split.challenger_weight)
-        self._apply(route, 0.0)
+        weight = self._set_override(route, 0.0, actor)
         log.info("route %s: promotion undone by %s", name, actor)
-        # A record that says "undone", not a deleted one: a replica that finds no record
-        # keeps what it has (it may have promoted while the store was down).
+        # The weight first (see promote). A record that says "undone", not a deleted one:
+        # a replica that finds no record keeps what it has (it may have promoted while the
+        # store was down).
+        stored = await self._put(name, weight_key(name), weight.record(actor))
         undone = {"undone": True, "updated_at": time.time(), "actor": actor}
-        stored = await self._put(name, promotion_key(name), undone)
-        return stored and await self._put(
-            name, weight_key(name), self._overrides[name].record(actor)
-        )
+        return await self._put(name, promotion_key(name), undone) and stored
+
+    async def release(self, name: str, *, actor: str) -> bool:
+        """Forget the route's runtime weight: the file's applies again (a canary that the
+        config no longer has). Returns whether the store took it."""
+        route = self._routes.get(name)
+        self._overrides.pop(name, None)
+        self._actors.pop(name, None)
+        if route is None:
+            return False
+        self._apply(route, self._file_weight(route))
+        log.info("route %s: back to the file's weight, by %s", name, actor)
+        if self._store is None:
+            return False
+        try:
+            await self._store.delete(weight_key(name))
+        except StoreError as error:
+            log.warning("route %s: change not persisted: %s", name, error)
+            return False
+        return True
+
+    def _set_override(self, route: RouteRuntime, weight: float, actor: str) -> Override:
+        override = Override(weight, route.config.split.challenger_weight)
+        self._overrides[route.name] = override
+        self._actors[route.name] = actor
+        self._apply(route, weight)
+        return override
 
     def _route(self, name: str) -> RouteRuntime:
         route = self._routes.get(name)
@@ -345,6 +383,8 @@ class Steering:
             if not override.applies_to(route):
                 continue
             self._overrides[name] = override
+            actor = value.get("actor")
+            self._actors[name] = actor if isinstance(actor, str) else "store"
             if override.weight != route.weight:
                 self._apply(route, override.weight)
                 changed.add(name)
@@ -352,15 +392,32 @@ class Steering:
                     "route %s: challenger weight %g from the state store", name, override.weight
                 )
         for name in changed:
-            route = self._routes[name]
-            if weight_problem(route.weight, route.has_challenger) is not None:
+            route = self._routes.get(name)  # a reload may have removed it meanwhile
+            if route is not None and weight_problem(route.weight, route.has_challenger):
                 self._apply(route, 0.0)  # a promotion took the challenger away
         return len(changed)
 
-    async def _follow(self) -> None:
+    async def _follow(self, interval: float = DEFAULT_POLL_SECONDS) -> None:
+        """Apply the store's state whenever its revision moves, and again at every poll
+        after a pass that failed (the revision it missed will not move again)."""
         assert self._store is not None
-        async for _ in watch_revisions(self._store):
+        applied: int | None = None
+        failing = False
+        while True:
             try:
-                await self.restore()
+                revision = await self._store.revision()
+                if revision != applied or failing:
+                    await self.restore()
+                    applied = revision
+                    if failing:
+                        log.info("runtime state from the state store applied again")
+                    failing = False
             except StoreError as error:
-                log.warning("cannot read runtime state from the state store: %s", error)
+                if not failing:
+                    log.warning("cannot read runtime state from the state store: %s", error)
+                failing = True
+            except Exception:  # following must outlive any one bad pass
+                if not failing:
+                    log.exception("applying the state store's runtime state failed")
+                failing = True
+            await asyncio.sleep(interval)

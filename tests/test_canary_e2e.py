@@ -5,6 +5,7 @@ of half a second, evaluations every 0.1 s); the decision rule is the default one
 from __future__ import annotations
 
 import asyncio
+import copy
 import random
 import sys
 from pathlib import Path
@@ -477,3 +478,117 @@ async def test_a_dead_state_store_stops_no_request_and_the_canary_resumes(
 async def _view_if_up(http: aiohttp.ClientSession, gateway: Gateway) -> Any:
     async with http.get(admin_url(gateway, "/api/v1/routes/m/canary")) as response:
         return await response.json() if response.status == 200 else None
+
+
+async def test_weight_zero_is_an_emergency_brake_that_ends_the_canary(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    gateway = await start_gateway(canary_document(v1, v2, {"min_requests": 10**6}))
+    await command(http, gateway, "start")
+    weight_url = admin_url(gateway, "/api/v1/routes/m/weight")
+    async with http.put(weight_url, json={"challenger_weight": 0.5}) as response:
+        assert response.status == 409  # the canary drives the weight...
+    async with http.put(weight_url, json={"challenger_weight": 0}) as response:
+        assert response.status == 200  # ...but taking its traffic away is never refused
+    assert gateway.routes["m"].weight == 0.0
+    done = await reaches(http, gateway, "rolled_back", within=5)
+    assert done["reason"] == "operator" and gateway.routes["m"].weight == 0.0
+
+
+async def test_a_resumed_step_counts_afresh_and_the_canary_keeps_its_evidence(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    gateway = await start_gateway(canary_document(v1, v2, {"min_requests": 10**6}))
+    await command(http, gateway, "start")
+    async with traffic(http, gateway):
+
+        async def counted(view_of: str, at_least: int) -> Any:
+            view = await canary(http, gateway)
+            n = view["counts"][view_of]["challenger"]["requests"]
+            return view if n >= at_least else None
+
+        await wait_until(lambda: counted("step", 20), "challenger requests in the step")
+        await command(http, gateway, "pause")
+        status, resumed = await command(http, gateway, "resume")
+        assert status == 200
+        before = resumed["counts"]["canary"]["challenger"]["requests"]
+        # Right after the resume, the step has (nearly) nothing: its counts start over.
+        assert resumed["counts"]["step"]["challenger"]["requests"] < before
+        assert before >= 20
+        await wait_until(lambda: counted("canary", before + 20), "the canary's counts to grow")
+
+
+async def test_a_restart_with_another_challenger_starts_the_canary_over(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    v1, v2, v3 = [await start_app(model_app(n)) for n in ("v1", "v2", "v3")]
+    state = {"path": str(tmp_path / "state.db")}
+    document = canary_document(v1, v2, {"min_requests": 10**6})
+    document["state"] = state
+    first = await start_gateway(document)
+    await command(http, first, "start")
+    old = await canary(http, first)
+    await first.stop()
+    # The same state store, a config whose challenger is v3: evidence about v2 is void.
+    document["backends"]["v3"] = {"url": v3}
+    document["routes"][0]["challenger"] = "v3"
+    second = await start_gateway(document)
+
+    async def restarted() -> Any:
+        view = await canary(http, second)
+        return view if view["canary_id"] != old["canary_id"] else None
+
+    again = await wait_until(restarted, "the canary to start over", within=5)
+    assert again["challenger"] == "v3" and again["step"] == 0
+    assert any(h["reason"] == "challenger_changed" for h in again["history"])
+
+
+async def test_removing_a_running_canary_from_the_file_ends_it(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    document = canary_document(v1, v2, {"min_requests": 10**6})
+    document["routes"][0]["split"] = {"challenger_weight": 0.1}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    gateway = await start_gateway(document, config_path=path)
+    await command(http, gateway, "start")
+    assert gateway.routes["m"].weight == 0.3
+    del document["routes"][0]["canary"]
+    path.write_text(yaml.safe_dump(document))
+    async with http.post(admin_url(gateway, "/api/v1/reload")) as response:
+        assert response.status == 200
+    # The file's weight again, and no weight lock: the canary no longer drives it.
+    await wait_until(lambda: gateway.routes["m"].weight == 0.1, "the file's weight", within=5)
+    async with http.put(
+        admin_url(gateway, "/api/v1/routes/m/weight"), json={"challenger_weight": 0.2}
+    ) as response:
+        assert response.status == 200
+    status = await gateway.store.get("canary/m/status")  # type: ignore[union-attr]
+    assert status is not None and status["state"] == "rolled_back"
+    assert status["reason"] == "canary_removed"
+
+
+async def test_a_rollback_right_after_a_promotion_elsewhere_is_not_lost(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    v1, v2 = await start_app(model_app("v1")), await start_app(model_app("v2"))
+    document = canary_document(v1, v2, {"min_requests": 10**6})
+    document["state"] = {"path": str(tmp_path / "shared.db")}  # two replicas, one store
+    a = await start_gateway(document)
+    b = await start_gateway(copy.deepcopy(document))
+    await command(http, a, "start")
+    await reaches(http, b, "progressing", "holding", within=5)
+    status, _ = await command(http, a, "promote")
+    assert status == 200
+    # At once through the other replica, before its steering has seen the promotion.
+    status, back = await command(http, b, "rollback")
+    assert status == 200 and back["state"] == "rolled_back"
+
+    def both_back() -> bool:
+        return all(g.routes["m"].champion.name == "v1" for g in (a, b))
+
+    await wait_until(both_back, "both replicas to serve the former champion", within=5)
+    assert all(g.routes["m"].weight == 0.0 for g in (a, b))

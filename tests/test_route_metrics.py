@@ -141,3 +141,26 @@ def test_an_unexpected_histogram_layout_fails_at_start() -> None:
     check_histogram_layout(child, LATENCY_BUCKETS)
     with pytest.raises(RuntimeError):
         check_histogram_layout(child, LATENCY_BUCKETS[:-1])
+
+
+@given(st.lists(st.tuples(CODES, st.booleans()), max_size=40), st.integers(0, 40))
+@settings(max_examples=200, deadline=None)
+def test_canary_totals_count_each_failed_answer_once(
+    answers: list[tuple[int, bool]], synced_after: int
+) -> None:
+    """What the canary reads (``totals``): answers, failures (5xx, or cut off below 500:
+    a 5xx cut off is one failure, not two) and latency buckets, since the start, whatever
+    the Prometheus syncs in between."""
+    from gateway.pipeline.forward import _cut_off
+
+    record = Metrics().route("r", Variant.CHALLENGER)
+    for i, (code, cut) in enumerate(answers):
+        record.count(code, 0.01)
+        if cut:
+            _cut_off(record, code)
+        if i == synced_after:
+            record.sync()
+    requests, failures, buckets = record.totals()
+    assert requests == len(answers) == sum(buckets)
+    assert failures == sum(1 for code, cut in answers if code >= 500 or cut)
+    assert failures <= requests

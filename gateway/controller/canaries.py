@@ -27,7 +27,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from gateway.config import CanaryConfig
@@ -36,7 +36,8 @@ from gateway.controller.counting import (
     StepTotals,
     counts_key,
     counts_prefix,
-    sum_steps,
+    segment_of,
+    sum_segments,
 )
 from gateway.controller.webhooks import Webhooks
 from gateway.core import canary as core
@@ -44,7 +45,7 @@ from gateway.core.canary import Action, Decision, Evidence, Policy, Reason, Stat
 from gateway.core.sequential import rate_bounds
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.runtime import RouteRuntime, Runtime
-from gateway.steering import Steering
+from gateway.steering import Steering, SteeringError
 from gateway.store import Entry, StateStore, StoreError
 
 log = logging.getLogger("gateway.controller")
@@ -113,7 +114,10 @@ class _Canary:
     lease_version: int | None = None
     lease_renew_at: float = 0.0
     next_evaluation: float = 0.0
-    challenger_changed: bool = False  # by this process's last reload: restart the canary
+    status_version: int = -1  # of the status last applied: an older one read late is not
+    # This process's config may name another challenger than the running canary's (a
+    # start or a reload since): look once, and start the canary over if so.
+    check_challenger: bool = True
     counter: StepCounter = field(default_factory=StepCounter)
     evaluation: asyncio.Task[None] | None = None
     store_failing: bool = False
@@ -139,6 +143,8 @@ class CanaryController:
         self.process_id = process_id or uuid.uuid4().hex[:12]
         self._max_tick = self._tick = tick_seconds
         self._canaries: dict[str, _Canary] = {}
+        # Canaries whose block (or route) a reload removed: ended at the next tick.
+        self._retiring: dict[str, _Canary] = {}
         self._store: StateStore | None = None
         self._webhooks = Webhooks(metrics)
 
@@ -161,13 +167,14 @@ class CanaryController:
                 continue
             changed = kept.route.config.challenger != route.config.challenger
             kept.route, kept.config, kept.policy = route, config, policy
-            kept.challenger_changed = kept.challenger_changed or changed
+            kept.check_challenger = kept.check_challenger or changed
             canaries[name] = kept
         for name, gone in self._canaries.items():
             if name not in canaries:
                 self._steering.unlock(name)
                 if gone.evaluation is not None:
                     gone.evaluation.cancel()
+                self._retiring[name] = gone
         self._canaries = canaries
         # Counts are flushed and leases tended every tick: often enough for the fastest
         # evaluation configured (tests and demos evaluate more often than every second).
@@ -207,6 +214,10 @@ class CanaryController:
 
     async def _run(self) -> None:
         while True:
+            for name, gone in list(self._retiring.items()):
+                await self._quietly(gone, self._retire(gone))
+                if not gone.store_failing:
+                    del self._retiring[name]
             for canary in list(self._canaries.values()):
                 await self._quietly(canary, self._tend(canary))
             await asyncio.sleep(self._tick)
@@ -232,7 +243,7 @@ class CanaryController:
 
     async def _tend(self, canary: _Canary) -> None:
         await self._refresh(canary)
-        if canary.challenger_changed:
+        if canary.check_challenger:
             await self._restart_for_new_challenger(canary)
         await self._flush(canary)
         now = self._clock()
@@ -244,14 +255,23 @@ class CanaryController:
                 self._quietly(canary, self._evaluate(canary)), name=f"canary-{canary.name}"
             )
 
-    async def _refresh(self, canary: _Canary) -> Entry | None:
+    async def _refresh(self, canary: _Canary) -> int | None:
+        """Read the status; returns its version (None: there is none yet). A read that
+        comes back after this process wrote a newer status (the answer was under way
+        meanwhile) is not applied."""
         store = self._require_store()
         entry = await store.get_entry(status_key(canary.name))
-        status = Status.from_dict(entry.value) if entry is not None else Status()
+        if entry is not None and entry.version < canary.status_version:
+            return canary.status_version
+        self._applied(canary, Status.from_dict(entry.value) if entry else Status(), entry)
+        return entry.version if entry is not None else None
+
+    def _applied(self, canary: _Canary, status: Status, entry: Entry | int | None) -> None:
+        version = entry.version if isinstance(entry, Entry) else entry
+        canary.status_version = -1 if version is None else version
         if status != canary.status:
             canary.status = status
             self._show(canary)
-        return entry
 
     def _show(self, canary: _Canary) -> None:
         """Make this process's gauges, weight lock and counting follow the status."""
@@ -267,8 +287,17 @@ class CanaryController:
             self._steering.lock(name, LOCK_OWNER)
         else:
             self._steering.unlock(name)
-        counting = status.state in core.ACTIVE and bool(status.canary_id)
-        canary.counter.count_into((status.canary_id, status.step) if counting else None)
+        # Counted only where this process sends what the canary is about: a process still
+        # on an older config (another challenger) must not add its counts to this one.
+        challenger = canary.route.challenger
+        counting = (
+            status.state in core.ACTIVE
+            and bool(status.canary_id)
+            and challenger is not None
+            and challenger.name == status.challenger
+        )
+        segment = segment_of(status.step, status.step_started)
+        canary.counter.count_into((status.canary_id, segment) if counting else None)
 
     # --- counting --------------------------------------------------------------------------
 
@@ -277,21 +306,26 @@ class CanaryController:
         counter.take(canary.route)
         if not counter.unwritten or counter.step_key is None:
             return
-        canary_id, step = counter.step_key
-        totals = counter.totals
-        key = counts_key(canary.name, canary_id, step, self.process_id)
-        await self._require_store().put(key, totals.as_dict(), ttl=COUNTS_TTL_SECONDS)
-        counter.written = totals
+        canary_id, segment = counter.step_key
+        key = counts_key(canary.name, canary_id, segment, self.process_id)
+        await self._require_store().put(key, counter.totals.as_dict(), ttl=COUNTS_TTL_SECONDS)
+        counter.written()
 
-    async def _counts(self, canary: _Canary, status: Status) -> dict[int, StepTotals]:
+    async def _counts(self, canary: _Canary, status: Status) -> dict[str, StepTotals]:
         entries = await self._require_store().scan_prefix(
             counts_prefix(canary.name, status.canary_id)
         )
-        return sum_steps(entries)
+        return sum_segments(entries)
 
-    def _evidence(self, status: Status, steps: Mapping[int, StepTotals]) -> Evidence:
-        whole = sum(steps.values(), StepTotals())
-        step = steps.get(status.step, StepTotals())
+    async def _forget_counts(self, name: str, canary_id: str) -> None:
+        """A finished canary's counts (a new one starts from nothing)."""
+        store = self._require_store()
+        for entry in await store.scan_prefix(counts_prefix(name, canary_id)):
+            await store.delete(entry.key)
+
+    def _evidence(self, status: Status, segments: Mapping[str, StepTotals]) -> Evidence:
+        whole = sum(segments.values(), StepTotals())
+        step = segments.get(segment_of(status.step, status.step_started), StepTotals())
         return Evidence(
             whole.champion,
             whole.challenger,
@@ -340,12 +374,18 @@ class CanaryController:
     async def _evaluate(self, canary: _Canary) -> None:
         store = self._require_store()
         await self._flush(canary)  # this process's latest counts are in the sum too
-        entry = await self._refresh(canary)
+        version = await self._refresh(canary)
         status = canary.status
-        if status.state not in core.EVALUATED:
+        if status.state not in core.EVALUATED or canary.check_challenger:
             return
-        await self._enforce_weight(canary, status)
         now = self._clock()
+        if self._braked(canary, status):
+            # An operator took all traffic off the challenger (the one weight change never
+            # refused, e.g. while the store was down): the canary is over.
+            new = core.command(status, Action.ROLLBACK, now)
+            if await store.compare_and_set(status_key(canary.name), version, new.as_dict()):
+                await self._took(canary, status, new, Action.ROLLBACK)
+            return
         evidence = self._evidence(status, await self._counts(canary, status))
         decision = core.decide(evidence, canary.policy, now)
         if decision.action is Action.ADVANCE:
@@ -359,29 +399,48 @@ class CanaryController:
                         f"a gate webhook did not allow the {asked}", decision.checks, evidence,
                     )  # fmt: skip
         new = core.apply(status, decision, canary.policy, now)
-        version = entry.version if entry is not None else None
-        if await store.compare_and_set(status_key(canary.name), version, new.as_dict()) is None:
+        written = await store.compare_and_set(status_key(canary.name), version, new.as_dict())
+        if written is None:
             return  # an operator's command came first: decide again next time
-        await self._took(canary, status, new, new_action(status, new, decision.action))
+        await self._took(
+            canary, status, new, new_action(status, new, decision.action), version=written
+        )
 
-    async def _enforce_weight(self, canary: _Canary, status: Status) -> None:
-        """The leader keeps the route at the canary's weight (a crash between writing the
-        status and the weight, or a file edit, could leave another)."""
-        if canary.route.weight != status.weight and canary.route.has_challenger:
-            await self._steering.set_weight(canary.name, status.weight, actor=LOCK_OWNER)
+    def _braked(self, canary: _Canary, status: Status) -> bool:
+        route = canary.route
+        setter = self._steering.weight_set_by(canary.name)
+        return route.weight == 0 < status.weight and setter not in (None, LOCK_OWNER)
 
-    async def _took(self, canary: _Canary, old: Status, new: Status, action: Action) -> None:
-        """A decision or command is in the store: apply it here, count it, announce it."""
-        canary.status = new
-        self._show(canary)
+    async def _took(
+        self,
+        canary: _Canary,
+        old: Status,
+        new: Status,
+        action: Action,
+        version: int | None = None,
+    ) -> None:
+        """A decision or command is in the store: apply it here, count it, announce it.
+        Whatever this process believed the weight to be, the canary's is written (a
+        process whose view lags must not skip the write the other replicas follow)."""
+        self._applied(canary, new, version)
         name = canary.name
-        if new.state is State.PROMOTED and old.state is not State.PROMOTED:
-            await self._steering.promote(name, actor=LOCK_OWNER)
-        elif old.state is State.PROMOTED and new.state is not State.PROMOTED:
-            await self._steering.demote(name, actor=LOCK_OWNER)
-        elif canary.route.weight != new.weight:
-            await self._steering.set_weight(name, new.weight, actor=LOCK_OWNER)
+        try:
+            if new.state is State.PROMOTED and old.state is not State.PROMOTED:
+                await self._steering.promote(name, actor=LOCK_OWNER)
+            elif old.state is State.PROMOTED and new.state is not State.PROMOTED:
+                await self._steering.demote(name, actor=LOCK_OWNER)
+            elif (
+                new.weight != old.weight
+                or action is not Action.HOLD
+                or canary.route.weight != new.weight
+            ) and canary.route.has_challenger:
+                await self._steering.set_weight(name, new.weight, actor=LOCK_OWNER)
+        except SteeringError as refused:
+            # The status is written: it stands, and the leader keeps the weight in line.
+            log.warning("canary %s: %s applied, its weight not: %s", name, action.value, refused)
         self._metrics.canary_decisions.labels(name, action.value).inc()
+        if action is Action.START and old.canary_id and old.canary_id != new.canary_id:
+            await self._forget_counts(name, old.canary_id)
         event = EVENT_OF.get(action)
         if event is not None and (action is not Action.ADVANCE or new.step != old.step):
             self._webhooks.notify(
@@ -416,8 +475,9 @@ class CanaryController:
             old = Status.from_dict(entry.value) if entry is not None else Status()
             new = self._commanded(canary, old, action)
             version = entry.version if entry is not None else None
-            if await store.compare_and_set(status_key(name), version, new.as_dict()) is not None:
-                await self._took(canary, old, new, action)
+            written = await store.compare_and_set(status_key(name), version, new.as_dict())
+            if written is not None:
+                await self._took(canary, old, new, action, version=written)
                 return new
         raise CanaryError(409, "conflict", f"the canary of {name!r} kept changing; try again")
 
@@ -432,27 +492,55 @@ class CanaryController:
                         f"route {canary.name!r} has no challenger to start a canary with",
                     )  # fmt: skip
                 return core.start(old, canary.policy, now, uuid.uuid4().hex[:12], challenger.name)
-            return core.command(old, action, now)
+            new = core.command(old, action, now)
+            if action is Action.PROMOTE and canary.route.challenger is None:
+                # Checked before the status is written: a promotion that cannot be applied
+                # must not be recorded as done.
+                raise CanaryError(
+                    409, "no_challenger", f"route {canary.name!r} has no challenger to promote"
+                )
+            return new
         except core.NotAllowed as refused:
             raise CanaryError(409, "canary_state", str(refused)) from None
 
     async def _restart_for_new_challenger(self, canary: _Canary) -> None:
-        canary.challenger_changed = False
+        """Start the canary over when this process's config (just loaded, at start or by
+        a reload) names another challenger than the one it ran with: evidence about one
+        model says nothing about another."""
         store = self._require_store()
         entry = await store.get_entry(status_key(canary.name))
         old = Status.from_dict(entry.value) if entry is not None else Status()
         challenger = canary.route.challenger
-        if old.state not in core.ACTIVE or challenger is None or old.challenger == challenger.name:
-            return
-        new = core.restart(
-            old, canary.policy, self._clock(), uuid.uuid4().hex[:12], challenger.name,
-            Reason.CHALLENGER_CHANGED,
-        )  # fmt: skip
-        if await store.compare_and_set(
-            status_key(canary.name), entry.version if entry else None, new.as_dict()
-        ):
+        moved_on = challenger is not None and old.challenger != challenger.name
+        if old.state in core.ACTIVE and moved_on and challenger is not None:
+            new = core.restart(
+                old, canary.policy, self._clock(), uuid.uuid4().hex[:12], challenger.name,
+                Reason.CHALLENGER_CHANGED,
+            )  # fmt: skip
+            version = entry.version if entry is not None else None
+            written = await store.compare_and_set(status_key(canary.name), version, new.as_dict())
+            if written is None:
+                return  # changed meanwhile: look again at the next tick
             log.info("canary %s: challenger changed to %s, restarted", canary.name, challenger.name)
-            await self._took(canary, old, new, Action.START)
+            await self._took(canary, old, new, Action.START, version=written)
+        canary.check_challenger = False
+
+    async def _retire(self, canary: _Canary) -> None:
+        """A reload removed this canary (its block, or its route): a running one ends as
+        rolled back, and the file's weight for the route wins again."""
+        store = self._require_store()
+        name = canary.name
+        entry = await store.get_entry(status_key(name))
+        old = Status.from_dict(entry.value) if entry is not None else Status()
+        if entry is not None and old.state in core.ACTIVE:
+            new = core.command(old, Action.ROLLBACK, self._clock())
+            new = replace(new, reason=Reason.CANARY_REMOVED.value)
+            if await store.compare_and_set(status_key(name), entry.version, new.as_dict()):
+                self._metrics.canary_decisions.labels(name, Action.ROLLBACK.value).inc()
+                log.warning("canary %s: removed from the config while %s", name, old.state.value)
+        # Every process that loaded the config without it lets go of the canary's weight.
+        if self._steering.weight_set_by(name) == LOCK_OWNER:
+            await self._steering.release(name, actor=LOCK_OWNER)
 
     # --- views --------------------------------------------------------------------------------
 

@@ -26,8 +26,14 @@ def counts_prefix(route: str, canary_id: str) -> str:
     return f"canary/{route}/counts/{canary_id}/"
 
 
-def counts_key(route: str, canary_id: str, step: int, process: str) -> str:
-    return f"{counts_prefix(route, canary_id)}{step:04d}/{process}"
+def segment_of(step: int, step_started: float) -> str:
+    """What counts are kept under: a step, from the time it (re)started. A resumed step
+    starts over with counts of its own; the earlier ones still count for the canary."""
+    return f"{step:04d}-{round(step_started * 1000)}"
+
+
+def counts_key(route: str, canary_id: str, segment: str, process: str) -> str:
+    return f"{counts_prefix(route, canary_id)}{segment}/{process}"
 
 
 @dataclass(slots=True)
@@ -102,21 +108,34 @@ class StepTotals:
 
 @dataclass(slots=True)
 class StepCounter:
-    """One route's counting in this process: new counts go to the current step."""
+    """One route's counting in this process: new counts go to the current segment."""
 
-    step_key: tuple[str, int] | None = None  # (canary id, step) counted into, if any
-    totals: StepTotals = field(default_factory=StepTotals)
-    written: StepTotals | None = None  # the totals the store has
+    step_key: tuple[str, str] | None = None  # (canary id, segment) counted into, if any
+    # This process's totals per segment of the current canary, and what the store has:
+    # going back to a segment (a status read that arrived late) finds its totals again.
+    _totals: dict[tuple[str, str], StepTotals] = field(default_factory=dict)
+    _written: dict[tuple[str, str], StepTotals] = field(default_factory=dict)
     _champion: _Seen = field(default_factory=_Seen)
     _challenger: _Seen = field(default_factory=_Seen)
     _shadow: _Seen = field(default_factory=_Seen)
 
-    def count_into(self, step_key: tuple[str, int] | None) -> None:
-        """Count what comes from now on into this step (None: into nothing)."""
-        if step_key != self.step_key:
-            self.step_key = step_key
-            self.totals = StepTotals()
-            self.written = None
+    def count_into(self, step_key: tuple[str, str] | None) -> None:
+        """Count what comes from now on into this segment (None: into nothing)."""
+        if step_key is not None and self.step_key is not None and step_key[0] != self.step_key[0]:
+            self._totals.clear()  # another canary: the last one's counts are its own
+            self._written.clear()
+        self.step_key = step_key
+
+    @property
+    def totals(self) -> StepTotals:
+        if self.step_key is None:
+            return StepTotals()
+        return self._totals.get(self.step_key, StepTotals())
+
+    def written(self) -> None:
+        """The store has the current totals."""
+        if self.step_key is not None:
+            self._written[self.step_key] = self.totals
 
     def take(self, route: RouteRuntime) -> None:
         """Add what the route's records counted since the last look."""
@@ -131,7 +150,7 @@ class StepCounter:
                 shadow = _shadow_minus(now, seen.totals[0])
             seen.source, seen.totals = stats, (now,)
         if self.step_key is not None:
-            self.totals = self.totals + StepTotals(champion, challenger, shadow)
+            self._totals[self.step_key] = self.totals + StepTotals(champion, challenger, shadow)
 
     @staticmethod
     def _new(seen: _Seen, record: RouteMetrics, read: Any) -> Counts:
@@ -144,17 +163,16 @@ class StepCounter:
 
     @property
     def unwritten(self) -> bool:
-        return self.step_key is not None and self.totals != self.written
+        key = self.step_key
+        return key is not None and self._totals.get(key) != self._written.get(key)
 
 
-def sum_steps(entries: Iterable[Entry]) -> dict[int, StepTotals]:
-    """Every process's totals (the entries under ``counts_prefix``), summed per step."""
-    steps: dict[int, StepTotals] = {}
+def sum_segments(entries: Iterable[Entry]) -> dict[str, StepTotals]:
+    """Every process's totals (the entries under ``counts_prefix``), summed per segment."""
+    segments: dict[str, StepTotals] = {}
     for entry in entries:
-        step_text = entry.key.rsplit("/", 2)[-2]
-        try:
-            step = int(step_text)
-        except ValueError:
-            continue
-        steps[step] = steps.get(step, StepTotals()) + StepTotals.from_dict(entry.value)
-    return steps
+        segment = entry.key.rsplit("/", 2)[-2]
+        segments[segment] = segments.get(segment, StepTotals()) + StepTotals.from_dict(
+            entry.value
+        )
+    return segments

@@ -89,6 +89,7 @@ class Reason(enum.StrEnum):
     GATE_CLOSED = "gate_closed"
     OPERATOR = "operator"
     CHALLENGER_CHANGED = "challenger_changed"
+    CANARY_REMOVED = "canary_removed"  # the config no longer has it
 
 
 class Verdict(enum.StrEnum):

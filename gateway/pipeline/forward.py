@@ -323,12 +323,12 @@ class Forwarder:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
             metrics.upstream_error("timeout")
-            metrics.cut_off += 1
+            _cut_off(metrics, upstream.status)
             _abort(request)
             upstream.close()
         except UpstreamError:
             metrics.upstream_error("stream_reset")
-            metrics.cut_off += 1
+            _cut_off(metrics, upstream.status)
             _abort(request)
             upstream.close()
         except ConnectionResetError:
@@ -338,6 +338,12 @@ class Forwarder:
             upstream.release()
         exchange.finished = record.count(metrics, upstream.status, exchange.started)
         return response, complete
+
+
+def _cut_off(metrics: RouteMetrics, status: int) -> None:
+    """An answer that broke off is a failure, once: a 5xx counts as one already."""
+    if status < 500:
+        metrics.cut_off += 1
 
 
 def _abort(request: web.BaseRequest) -> None:
