@@ -1,0 +1,307 @@
+"""The model version registry, kept in the state store so that every replica and every
+restart sees the same one.
+
+A model has **versions**, numbered from 1 and immutable once registered: where the version
+is served (a ``backend`` named in the config, or a ``url`` / ``endpoints``), the model
+name its load is traced under, free-form metadata, when and by whom it was registered.
+**Aliases** (``champion``, ``challenger``, ``previous``, or any other name) point at
+versions and move; ``latest`` is not stored, it always resolves to the highest version.
+Every registration, alias move and deletion is appended to the model's **history**
+with its time, actor and reason.
+
+Concurrency, with nothing but the store's compare-and-set:
+
+- a version is written only if absent: two registrations of the same number cannot both
+  win, and one with the same content again is answered as done (idempotent);
+- an alias move may say which version it expects the alias to point at now
+  (``expected_version``); the move is then a compare-and-set on the alias, so two
+  operators cannot lose each other's change (409 ``alias_changed``);
+- history entries are numbered by a per-model counter taken with compare-and-set, so
+  they are ordered as they happened, whichever replica wrote them.
+
+Store keys, under ``registry/{model}/``: ``versions/{n:010d}``, ``aliases/{alias}``,
+``seq`` (the history counter) and ``history/{seq:012d}``.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from gateway.store import StateStore
+
+PREFIX = "registry/"
+LATEST = "latest"
+NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
+_CAS_ATTEMPTS = 20
+
+
+class Unchecked(enum.Enum):
+    """An alias move that does not say where it expects the alias to point."""
+
+    ANY = "any"
+
+
+class RegistryError(Exception):
+    """A request the registry refuses; ``status`` and ``code`` are for the admin API."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, slots=True)
+class Version:
+    model: str
+    version: int
+    backend: str | None = None
+    endpoints: tuple[str, ...] = ()  # when served by URL (one or several)
+    trace_model: str = ""  # the name its load is traced under
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    registered_at: float = 0.0
+    actor: str = ""
+
+    def content(self) -> dict[str, Any]:
+        """What makes a version what it is (not when or by whom it was registered)."""
+        return {
+            "backend": self.backend,
+            "endpoints": list(self.endpoints),
+            "trace_model": self.trace_model,
+            "metadata": dict(self.metadata),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "version": self.version,
+            **self.content(),
+            "registered_at": self.registered_at,
+            "actor": self.actor,
+        }
+
+    @classmethod
+    def from_dict(cls, value: Mapping[str, Any]) -> Version:
+        return cls(
+            model=str(value["model"]),
+            version=int(value["version"]),
+            backend=value.get("backend"),
+            endpoints=tuple(value.get("endpoints") or ()),
+            trace_model=str(value.get("trace_model") or ""),
+            metadata=dict(value.get("metadata") or {}),
+            registered_at=float(value.get("registered_at") or 0.0),
+            actor=str(value.get("actor") or ""),
+        )
+
+
+def check_name(what: str, name: str) -> str:
+    if not NAME.match(name):
+        raise RegistryError(
+            400, "bad_request", f"{what} must be 1-128 of A-Z a-z 0-9 _ . -, got {name!r}"
+        )
+    return name
+
+
+def parse_version(text: str | int) -> int:
+    try:
+        version = int(text)
+    except (TypeError, ValueError):
+        raise RegistryError(400, "bad_version", f"a version is a number, got {text!r}") from None
+    if version < 1:
+        raise RegistryError(400, "bad_version", f"versions start at 1, got {version}")
+    return version
+
+
+def _key(model: str, *parts: str) -> str:
+    return PREFIX + model + "/" + "/".join(parts)
+
+
+def _version_key(model: str, version: int) -> str:
+    return _key(model, "versions", f"{version:010d}")
+
+
+class Registry:
+    """The registry on a state store. Every method reads or writes the store: the
+    registry is what the store holds, nothing is cached here."""
+
+    def __init__(self, store: StateStore, *, clock: Callable[[], float] = time.time) -> None:
+        self._store = store
+        self._clock = clock
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def models(self) -> list[str]:
+        names = {
+            e.key[len(PREFIX) :].split("/", 1)[0] for e in await self._store.scan_prefix(PREFIX)
+        }
+        return sorted(names)
+
+    async def versions(self, model: str) -> list[Version]:
+        entries = await self._store.scan_prefix(_key(model, "versions", ""))
+        return [Version.from_dict(e.value) for e in entries]
+
+    async def aliases(self, model: str) -> dict[str, int]:
+        entries = await self._store.scan_prefix(_key(model, "aliases", ""))
+        return {e.key.rsplit("/", 1)[1]: int(e.value["version"]) for e in entries}
+
+    async def history(self, model: str) -> list[dict[str, Any]]:
+        return [e.value for e in await self._store.scan_prefix(_key(model, "history", ""))]
+
+    async def version(self, model: str, version: int) -> Version:
+        value = await self._store.get(_version_key(model, version))
+        if value is None:
+            raise RegistryError(404, "unknown_version", f"model {model!r} has no version {version}")
+        return Version.from_dict(value)
+
+    async def resolve(self, model: str, alias_or_version: str) -> Version | None:
+        """What ``model:NAME@ALIAS`` (or ``@VERSION``, or ``@latest``) points at now; None
+        when it points nowhere (no such model, alias or version)."""
+        if alias_or_version.isdigit():
+            value = await self._store.get(_version_key(model, int(alias_or_version)))
+            return Version.from_dict(value) if value is not None else None
+        if alias_or_version == LATEST:
+            versions = await self.versions(model)
+            return versions[-1] if versions else None
+        target = await self._store.get(_key(model, "aliases", alias_or_version))
+        if target is None:
+            return None
+        value = await self._store.get(_version_key(model, int(target["version"])))
+        return Version.from_dict(value) if value is not None else None
+
+    async def require_model(self, model: str) -> None:
+        if not await self._store.scan_prefix(_key(model, "versions", "")):
+            raise RegistryError(404, "unknown_model", f"no model named {model!r}")
+
+    # --- changing -------------------------------------------------------------------------
+
+    async def register(
+        self,
+        model: str,
+        *,
+        version: int | None = None,
+        backend: str | None = None,
+        endpoints: tuple[str, ...] = (),
+        trace_model: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        actor: str = "admin",
+        reason: str = "",
+    ) -> tuple[Version, bool]:
+        """Register a version (numbered next when ``version`` is None); returns it and
+        whether it is new (False: the same content was registered already)."""
+        check_name("a model name", model)
+        if (backend is None) == (not endpoints):
+            raise RegistryError(
+                400, "bad_request", "a version is served by a backend or by url/endpoints, one"
+            )
+        for attempt in range(_CAS_ATTEMPTS):
+            number = version if version is not None else await self._next_number(model)
+            candidate = Version(
+                model, number, backend, tuple(endpoints), trace_model or f"{model}-v{number}",
+                dict(metadata or {}), self._clock(), actor,
+            )  # fmt: skip
+            key = _version_key(model, number)
+            if await self._store.compare_and_set(key, None, candidate.as_dict()) is not None:
+                await self._record(model, "register", actor, reason, version=number)
+                return candidate, True
+            existing = await self._store.get(key)
+            if existing is None:
+                continue  # deleted meanwhile: try again
+            found = Version.from_dict(existing)
+            if version is not None or attempt == _CAS_ATTEMPTS - 1:
+                if found.content() == candidate.content():
+                    return found, False
+                raise RegistryError(
+                    409, "version_exists",
+                    f"{model} version {number} is registered already, with other content "
+                    "(versions are immutable: register a new one)",
+                )  # fmt: skip
+            # An assigned number another registration took first: the next one.
+        raise RegistryError(409, "conflict", f"{model}: too many registrations at once")
+
+    async def _next_number(self, model: str) -> int:
+        versions = await self._store.scan_prefix(_key(model, "versions", ""))
+        return (int(versions[-1].value["version"]) + 1) if versions else 1
+
+    async def move_alias(
+        self,
+        model: str,
+        alias: str,
+        version: int,
+        *,
+        expected: int | Literal[Unchecked.ANY] | None = Unchecked.ANY,
+        actor: str = "admin",
+        reason: str = "",
+    ) -> int | None:
+        """Point ``alias`` at ``version``; returns the version it pointed at before.
+        ``expected`` (a version, or None for "unset"): refused with 409 ``alias_changed``
+        unless the alias points there at the moment of the move."""
+        check_name("an alias", alias)
+        if alias == LATEST:
+            raise RegistryError(400, "bad_alias", "latest always names the highest version")
+        await self.version(model, version)  # 404 for a version that does not exist
+        key = _key(model, "aliases", alias)
+        for _ in range(_CAS_ATTEMPTS):
+            entry = await self._store.get_entry(key)
+            before = int(entry.value["version"]) if entry is not None else None
+            if expected is not Unchecked.ANY and expected != before:
+                raise RegistryError(
+                    409, "alias_changed",
+                    f"{model}@{alias} points at {before}, not {expected}: it moved meanwhile",
+                )  # fmt: skip
+            record = {"version": version, "updated_at": self._clock(), "actor": actor}
+            written = await self._store.compare_and_set(
+                key, entry.version if entry is not None else None, record
+            )
+            if written is not None:
+                await self._record(
+                    model, "alias", actor, reason, alias=alias, version=version, previous=before
+                )
+                return before
+        raise RegistryError(409, "alias_changed", f"{model}@{alias} kept moving; try again")
+
+    async def delete_alias(
+        self, model: str, alias: str, *, actor: str = "admin", reason: str = ""
+    ) -> int:
+        key = _key(model, "aliases", alias)
+        entry = await self._store.get_entry(key)
+        if entry is None:
+            raise RegistryError(404, "unknown_alias", f"model {model!r} has no alias {alias!r}")
+        await self._store.delete(key)
+        before = int(entry.value["version"])
+        await self._record(model, "unalias", actor, reason, alias=alias, previous=before)
+        return before
+
+    async def delete_version(
+        self, model: str, version: int, *, actor: str = "admin", reason: str = ""
+    ) -> Version:
+        found = await self.version(model, version)
+        users = sorted(a for a, v in (await self.aliases(model)).items() if v == version)
+        if users:
+            raise RegistryError(
+                409, "version_in_use",
+                f"{model} version {version} is what {', '.join(users)} point(s) at: move "
+                "the alias(es) first",
+            )  # fmt: skip
+        await self._store.delete(_version_key(model, version))
+        await self._record(model, "delete", actor, reason, version=version)
+        return found
+
+    async def _record(self, model: str, action: str, actor: str, reason: str, **what: Any) -> None:
+        """Append to the model's history, numbered by a compare-and-set counter."""
+        key = _key(model, "seq")
+        for _ in range(_CAS_ATTEMPTS * 5):
+            entry = await self._store.get_entry(key)
+            seq = int(entry.value["seq"]) + 1 if entry is not None else 1
+            written = await self._store.compare_and_set(
+                key, entry.version if entry is not None else None, {"seq": seq}
+            )
+            if written is not None:
+                event = {"seq": seq, "at": self._clock(), "action": action, "actor": actor,
+                         "reason": reason, **what}  # fmt: skip
+                await self._store.put(_key(model, "history", f"{seq:012d}"), event)
+                return
+        raise RegistryError(409, "conflict", f"{model}: too many changes at once")

@@ -1,0 +1,181 @@
+"""The model registry on both state stores: the embedded SQLite one and a real private
+redis-server. No mocks: every assertion reads back what the store holds."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from gateway.registry import Registry, RegistryError
+from gateway.store import StateStore
+from gateway.store.embedded import EmbeddedStore
+from gateway.store.redis import RedisStore
+from tests.helpers.clock import FakeClock
+from tests.redis_fixtures import RedisServer, fast_client, private_redis  # noqa: F401
+
+pytestmark = pytest.mark.timeout(60)
+
+
+@pytest.fixture(params=["embedded", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[StateStore]:
+    opened: StateStore
+    if request.param == "embedded":
+        opened = EmbeddedStore(tmp_path / "state.db")
+    else:
+        server: RedisServer = request.getfixturevalue("private_redis")
+        opened = RedisStore(fast_client(server.url), key_prefix="t:", owns_client=True)
+    try:
+        yield opened
+    finally:
+        await opened.close()
+
+
+def refused(error: pytest.ExceptionInfo[RegistryError]) -> tuple[int, str]:
+    return error.value.status, error.value.code
+
+
+async def test_versions_are_numbered_immutable_and_idempotent(store: StateStore) -> None:
+    registry = Registry(store, clock=FakeClock(1000.0))
+    first, new = await registry.register("iris", backend="iris-v1", actor="alice")
+    assert new and first.version == 1 and first.trace_model == "iris-v1"
+    second, _ = await registry.register("iris", endpoints=("http://10.0.0.5:8000",))
+    assert second.version == 2
+    seventh, _ = await registry.register("iris", version=7, backend="iris-v7", metadata={"f1": 0.9})
+    assert seventh.version == 7
+    assert [v.version for v in await registry.versions("iris")] == [1, 2, 7]
+    third, _ = await registry.register("iris", backend="x")  # after the highest, not a gap
+    assert third.version == 8
+
+    again, new = await registry.register("iris", version=7, backend="iris-v7", metadata={"f1": 0.9})
+    assert not new and again == seventh  # the same content again: done already
+    with pytest.raises(RegistryError) as error:
+        await registry.register("iris", version=7, backend="iris-v8")
+    assert refused(error) == (409, "version_exists")
+    assert (await registry.version("iris", 7)).backend == "iris-v7"  # unchanged
+
+    for bad in ({}, {"backend": "a", "endpoints": ("http://a:1",)}):
+        with pytest.raises(RegistryError) as error:
+            await registry.register("iris", **bad)  # type: ignore[arg-type]
+        assert refused(error) == (400, "bad_request")
+    with pytest.raises(RegistryError) as error:
+        await registry.register("not a name", backend="a")
+    assert refused(error) == (400, "bad_request")
+
+
+async def test_aliases_latest_and_deletion(store: StateStore) -> None:
+    registry = Registry(store)
+    for n in (1, 2, 3):
+        await registry.register("iris", version=n, backend=f"iris-v{n}")
+    assert await registry.move_alias("iris", "champion", 2) is None
+    assert await registry.move_alias("iris", "champion", 3) == 2
+    await registry.move_alias("iris", "challenger", 1)
+    assert await registry.aliases("iris") == {"champion": 3, "challenger": 1}
+    resolved = await registry.resolve("iris", "champion")
+    assert resolved is not None and resolved.version == 3
+    latest = await registry.resolve("iris", "latest")
+    assert latest is not None and latest.version == 3
+    by_number = await registry.resolve("iris", "2")
+    assert by_number is not None and by_number.backend == "iris-v2"
+    assert await registry.resolve("iris", "nothing") is None
+    assert await registry.resolve("unknown", "champion") is None
+
+    with pytest.raises(RegistryError) as error:
+        await registry.move_alias("iris", "latest", 1)
+    assert refused(error) == (400, "bad_alias")
+    with pytest.raises(RegistryError) as error:
+        await registry.move_alias("iris", "champion", 9)
+    assert refused(error) == (404, "unknown_version")
+    with pytest.raises(RegistryError) as error:
+        await registry.delete_version("iris", 3)
+    assert refused(error) == (409, "version_in_use")
+    assert await registry.delete_alias("iris", "champion") == 3
+    deleted = await registry.delete_version("iris", 3)
+    assert deleted.version == 3 and [v.version for v in await registry.versions("iris")] == [1, 2]
+    assert (await registry.resolve("iris", "latest")).version == 2  # type: ignore[union-attr]
+    with pytest.raises(RegistryError) as error:
+        await registry.delete_alias("iris", "champion")
+    assert refused(error) == (404, "unknown_alias")
+
+
+async def test_conditional_alias_moves_lose_no_update(store: StateStore) -> None:
+    registry = Registry(store)
+    for n in range(1, 52):
+        await registry.register("iris", version=n, backend=f"b{n}")
+    await registry.move_alias("iris", "champion", 1)
+
+    # 50 operators at once, each moving champion from 1 to its own version: exactly one
+    # can win, since every other one expected 1 and finds it moved.
+    async def move(to: int) -> bool:
+        try:
+            await registry.move_alias("iris", "champion", to, expected=1, actor=f"op{to}")
+        except RegistryError as error:
+            assert error.code == "alias_changed"
+            return False
+        return True
+
+    won = await asyncio.gather(*(move(n) for n in range(2, 52)))
+    assert sum(won) == 1
+    winner = 2 + won.index(True)
+    assert (await registry.aliases("iris"))["champion"] == winner
+    # Chained moves, each expecting the last: all of them go through, in order.
+    current = winner
+    for to in (1, 5, 9):
+        await registry.move_alias("iris", "champion", to, expected=current)
+        current = to
+    moves = [h for h in await registry.history("iris") if h["action"] == "alias"]
+    assert [(m["previous"], m["version"]) for m in moves] == [
+        (None, 1), (1, winner), (winner, 1), (1, 5), (5, 9),
+    ]  # fmt: skip
+    assert moves[1]["actor"] == f"op{winner}"
+
+
+async def test_history_is_complete_and_ordered(store: StateStore) -> None:
+    registry = Registry(store, clock=FakeClock(50.0))
+    await registry.register("iris", backend="a", actor="alice", reason="first")
+    await registry.register("iris", backend="b", actor="bob")
+    await asyncio.gather(
+        registry.move_alias("iris", "champion", 1, actor="alice"),
+        registry.move_alias("iris", "challenger", 2, actor="bob"),
+    )
+    await registry.delete_alias("iris", "challenger", reason="rolled back")
+    history = await registry.history("iris")
+    assert [h["seq"] for h in history] == [1, 2, 3, 4, 5]
+    assert [h["action"] for h in history][:2] == ["register", "register"]
+    assert {h.get("alias") for h in history[2:4]} == {"champion", "challenger"}
+    assert history[-1] == {
+        "seq": 5, "at": 50.0, "action": "unalias", "actor": "admin",
+        "reason": "rolled back", "alias": "challenger", "previous": 2,
+    }  # fmt: skip
+    assert history[0]["reason"] == "first" and history[0]["version"] == 1
+
+
+async def test_the_registry_outlives_a_restart_and_is_shared(
+    tmp_path: Path,
+    private_redis: RedisServer,  # noqa: F811
+) -> None:
+    path = tmp_path / "state.db"
+    first = EmbeddedStore(path)
+    await Registry(first).register("iris", backend="a")
+    await Registry(first).move_alias("iris", "champion", 1)
+    await first.close()
+    reopened = EmbeddedStore(path)
+    try:
+        assert await Registry(reopened).aliases("iris") == {"champion": 1}
+    finally:
+        await reopened.close()
+
+    # Two replicas on one Redis: one registers, the other sees it at its next read.
+    a = RedisStore(fast_client(private_redis.url), key_prefix="shared:", owns_client=True)
+    b = RedisStore(fast_client(private_redis.url), key_prefix="shared:", owns_client=True)
+    try:
+        await Registry(a).register("iris", backend="a")
+        await Registry(a).move_alias("iris", "champion", 1)
+        assert await Registry(b).models() == ["iris"]
+        resolved = await Registry(b).resolve("iris", "champion")
+        assert resolved is not None and resolved.backend == "a"
+    finally:
+        await a.close()
+        await b.close()
