@@ -129,6 +129,39 @@ class TracingConfig(_Strict):
     redis_url: str | None = None
 
 
+FiniteSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class OutlierDetectionConfig(_Strict):
+    """Passive ejection of failing endpoints (gateway.core.health says exactly how)."""
+
+    # Failures in a row (no connection, a timeout, a 5xx, a broken answer) that eject.
+    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    # The first ejection's length; each ejection in a row doubles it (up to 300 s).
+    base_ejection_seconds: FiniteSeconds = 30.0
+    # Never more than this share of a backend's endpoints out at once (but at least one
+    # of several).
+    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+
+
+class HealthCheckConfig(_Strict):
+    """Active checks: ``GET path`` on every endpoint every ``interval_seconds`` (jittered);
+    a 2xx within ``timeout_seconds`` passes."""
+
+    path: str
+    interval_seconds: FiniteSeconds = 5.0
+    timeout_seconds: FiniteSeconds = 1.0
+    healthy_threshold: Annotated[int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, value: str) -> str:
+        if not value.startswith("/") or re.search(r"[\s#]", value):
+            raise ValueError(f"must be a path starting with '/', got {value!r}")
+        return value
+
+
 class BackendConfig(_Strict):
     url: str | None = None
     endpoints: list[str] | None = None
@@ -138,6 +171,12 @@ class BackendConfig(_Strict):
     connect_timeout_seconds: PositiveSeconds = 5.0
     # The model name this backend's load is traced under (defaults to the backend name).
     model: str | None = None
+    # Requests in flight to one endpoint at most (each holds one connection); beyond it
+    # a request waits up to queue_timeout_seconds for a free one, then gets 503.
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+    queue_timeout_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
+    outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
+    health_check: HealthCheckConfig | None = None
 
     @field_validator("url")
     @classmethod
