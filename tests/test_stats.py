@@ -121,6 +121,37 @@ def test_with_a_baseline_configured_nothing_is_decided_before_noise_samples() ->
     assert baseline.report("$.id").verdict is FieldVerdict.WITHIN_NOISE  # type: ignore[union-attr]
 
 
+def test_too_few_samples_to_tell_noise_are_inconclusive() -> None:
+    # Enough samples to decide by count, not by evidence: 4 mismatches in 12 against none
+    # in 5 noise comparisons is neither a real difference nor shown to be noise.
+    baseline = NoiseBaseline(min_samples=10, min_noise_samples=5)
+    for i in range(12):
+        baseline.observe(comparison(x=i % 3 != 0))
+    for _ in range(5):
+        baseline.observe_noise(comparison(x=True))
+    report = baseline.report("$.x")
+    assert report is not None and report.noise_mismatched == 0
+    assert report.verdict is FieldVerdict.INCONCLUSIVE
+    assert report.verdict.value == "inconclusive"
+    # The champion turns out to disagree with itself as often: that is noise.
+    for i in range(25):
+        baseline.observe_noise(comparison(x=i % 3 != 0))
+    assert baseline.report("$.x").verdict is FieldVerdict.WITHIN_NOISE  # type: ignore[union-attr]
+
+
+def test_inconclusive_becomes_different_with_more_samples() -> None:
+    baseline = NoiseBaseline(min_samples=10, min_noise_samples=5)
+    for i in range(12):
+        baseline.observe(comparison(x=i % 3 != 0))
+    for _ in range(5):
+        baseline.observe_noise(comparison(x=True))
+    assert baseline.report("$.x").verdict is FieldVerdict.INCONCLUSIVE  # type: ignore[union-attr]
+    for i in range(60):
+        baseline.observe(comparison(x=i % 3 != 0))
+        baseline.observe_noise(comparison(x=True))
+    assert baseline.report("$.x").verdict is FieldVerdict.DIFFERENT  # type: ignore[union-attr]
+
+
 def test_rates_and_net_rate() -> None:
     baseline = NoiseBaseline()
     for i in range(100):

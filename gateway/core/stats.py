@@ -28,6 +28,12 @@ of 0 and 1, where the normal approximation collapses. A field that never showed 
 champion-vs-champion comparison (the champion doesn't produce it) has no noise: its noise
 bound is 0. ``net_mismatch_rate`` is the point estimate ``max(0, raw - noise)`` for the
 report.
+
+Not being DIFFERENT is not evidence of being noise: with few samples the bounds are too
+wide to separate anything. A field is WITHIN_NOISE only when each rate lies within the
+other's bound (give or take ``min_net_rate``): the raw rate at most the noise's upper bound,
+and the noise rate at least the raw rate's lower bound. Otherwise it is INCONCLUSIVE (4
+mismatches in 12 against 0 in 5 noise comparisons, say): more samples will tell.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ class FieldVerdict(enum.StrEnum):
     AGREE = "agree"  # never mismatched
     INSUFFICIENT = "insufficient"  # mismatched, but too few samples to say
     WITHIN_NOISE = "within_noise"  # mismatches explained by champion-vs-champion noise
+    INCONCLUSIVE = "inconclusive"  # neither a real difference nor noise, so far
     DIFFERENT = "different"  # a real difference
 
 
@@ -216,9 +223,14 @@ class NoiseBaseline:
             if c.noise_compared
             else 0.0
         )
-        if raw_lower - noise_upper > self.min_net_rate:
+        margin = self.min_net_rate
+        if raw_lower - noise_upper > margin:
             return FieldVerdict.DIFFERENT
-        return FieldVerdict.WITHIN_NOISE
+        raw = c.mismatched / c.compared
+        noise = c.noise_mismatched / c.noise_compared if c.noise_compared else 0.0
+        if raw <= noise_upper + margin and noise >= raw_lower - margin:
+            return FieldVerdict.WITHIN_NOISE
+        return FieldVerdict.INCONCLUSIVE
 
 
 # --------------------------------------------------------------------------- latency
