@@ -13,8 +13,12 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 ## demo: install, then start two built-in model servers with the gateway in front
+##       (other ports: make demo PORT=8081 ADMIN_PORT=9091; more: ARGS='--error-rate 0.2')
+PORT       ?= 8080
+ADMIN_PORT ?= 9090
+ARGS       ?=
 demo: $(STAMP)
-	$(BIN)/gateway demo
+	$(BIN)/gateway demo --port $(PORT) --admin-port $(ADMIN_PORT) $(ARGS)
 
 ## run: install, then run the gateway with CONFIG (default config/gateway.yaml)
 CONFIG ?= config/gateway.yaml

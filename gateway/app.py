@@ -35,6 +35,7 @@ from gateway.shadow import ShadowRunner
 from gateway.steering import Steering
 from gateway.store import StateStore, StoreError, open_store
 from gateway.store.redis import default_client as default_redis_client
+from gateway.text import counted
 from gateway.tracing import TraceWriter
 from gateway.upstream import BackendPool, UpstreamClient
 from gateway.writes import BatchedServer, WriteBatch
@@ -116,7 +117,7 @@ class Gateway:
             await self.steering.restore()
         except StoreError as error:
             log.warning("reload: state store unavailable: %s", error)
-        log.info("reloaded %s: %d routes", self.config_path, len(runtime.routes))
+        log.info("reloaded %s: %s", self.config_path, counted(len(runtime.routes), "route"))
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -126,9 +127,9 @@ class Gateway:
             self._services = services.pop_all()  # started: stop() closes them
         self._status = "ready"
         log.info(
-            "gateway listening on %s:%d (admin %s:%d), %d routes",
+            "gateway listening on %s:%d (admin %s:%d), %s",
             self.config.server.host, self.proxy_port, self.config.admin.host, self.admin_port,
-            len(self.routes),
+            counted(len(self.routes), "route"),
         )  # fmt: skip
 
     async def _start_services(self, services: contextlib.AsyncExitStack) -> None:

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -16,6 +17,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
 from gateway.config import ConfigError, load
+from gateway.text import counted
 
 if TYPE_CHECKING:
     from rich.console import Console, RenderableType
@@ -47,7 +49,11 @@ def cmd_check(args: argparse.Namespace) -> int:
     except ConfigError as error:
         _print_config_error(error)
         return 1
-    print(f"{args.config}: ok ({len(config.backends)} backends, {len(config.routes)} routes)")
+    backends, routes = (
+        counted(len(config.backends), "backend"),
+        counted(len(config.routes), "route"),
+    )
+    print(f"{args.config}: ok ({backends}, {routes})")
     return 0
 
 
@@ -458,63 +464,173 @@ def cmd_canary_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description=__doc__)
-    parser.add_argument("--log-level", default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO"))
-    commands = parser.add_subparsers(dest="command", required=True)
+# --- arguments -----------------------------------------------------------------------------
 
-    run = commands.add_parser("run", help="run the gateway")
-    run.add_argument("-c", "--config", required=True, help="YAML config file")
+DESCRIPTION = (
+    "A gateway for model servers: champion/challenger split, shadow comparison, canaries. "
+    "run and check take a config file; status, weight and canary talk to a running "
+    "gateway's admin API; demo starts a gateway in front of two built-in model servers."
+)
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+def _number(text: str, kind: Callable[[str], float]) -> float:
+    try:
+        value = kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """A TCP port: 1-65535, or 0 for a free one the system chooses."""
+    value = int(_number(text, int))
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"a port is from 1 to 65535 (0: any free port), got {value}"
+        )
+    return value
+
+
+def fraction(text: str) -> float:
+    value = _number(text, float)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    value = _number(text, float)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, got {text}")
+    return value
+
+
+def _demo_problem(args: argparse.Namespace) -> str | None:
+    if args.port and args.port == args.admin_port:
+        return f"--port and --admin-port are both {args.port}: give them different ports"
+    return None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description=DESCRIPTION)
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default=os.environ.get("GATEWAY_LOG_LEVEL", "INFO").upper(),
+        help="how much the gateway logs (env GATEWAY_LOG_LEVEL; default INFO)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="run the gateway",
+        description="Run the gateway with a config file. SIGTERM (or Ctrl-C) drains "
+        "in-flight requests for up to server.drain_timeout_seconds, then exits 0.",
+    )
+    run.add_argument("-c", "--config", required=True, help="the YAML config file")
     run.add_argument(
-        "--workers", type=int, default=None, help="worker processes (default: server.workers)"
+        "--workers",
+        type=positive_int,
+        default=None,
+        help="worker processes on the same ports (default: server.workers, 1)",
     )
     # Set by the supervisor of --workers: its PID, so that a worker it started stops
     # when it is gone.
     run.add_argument("--worker", type=int, metavar="SUPERVISOR_PID", help=argparse.SUPPRESS)
     run.set_defaults(func=cmd_run)
 
-    check = commands.add_parser("check", help="validate a config file")
-    check.add_argument("-c", "--config", required=True)
+    check = commands.add_parser(
+        "check",
+        help="validate a config file",
+        description="Validate a config file without starting anything: exit 0 and a summary "
+        "if it is good, exit 1 and one line per problem if not.",
+    )
+    check.add_argument("-c", "--config", required=True, help="the YAML config file")
     check.set_defaults(func=cmd_check)
 
     demo = commands.add_parser(
-        "demo", help="two built-in model servers behind a gateway, with a canary running"
+        "demo",
+        help="two built-in model servers behind a gateway, with a canary running",
+        description="Start two built-in model servers (a champion and a challenger) behind a "
+        "gateway on loopback, send it built-in load and start a canary on the route "
+        "'sentiment'; the admin port serves the status page and the admin API. Ctrl-C stops "
+        "it all.",
     )
-    demo.add_argument("--port", type=int, default=8080)
-    demo.add_argument("--admin-port", type=int, default=9090)
+    demo.add_argument(
+        "--port", type=port_number, default=8080, help="the gateway's port (default 8080)"
+    )
+    demo.add_argument(
+        "--admin-port",
+        type=port_number,
+        default=9090,
+        help="the admin API's and status page's port (default 9090)",
+    )
     demo.add_argument(
         "--weight",
-        type=float,
+        type=fraction,
         default=0.2,
-        help="the chat route's challenger weight (the sentiment route's canary sets its own)",
+        help="the chat route's challenger weight, 0 to 1 (default 0.2; the sentiment "
+        "route's canary sets its own)",
     )
-    demo.add_argument("--error-rate", type=float, default=0.0, help="challenger's share of 500s")
+    demo.add_argument(
+        "--error-rate",
+        type=fraction,
+        default=0.0,
+        help="the challenger's share of 500 answers, 0 to 1 (default 0; 0.2 gets its "
+        "canary rolled back)",
+    )
     demo.add_argument(
         "--load",
-        type=float,
+        type=non_negative,
         default=50.0,
         metavar="PER_SECOND",
-        help="built-in requests per second to the sentiment route, for its canary (0: none)",
+        help="built-in requests per second to the sentiment route, for its canary "
+        "(default 50; 0: none)",
     )
-    demo.set_defaults(func=cmd_demo)
+    demo.set_defaults(func=cmd_demo, problem=_demo_problem, subparser=demo)
 
-    for name, func, help_text in (
-        ("status", cmd_status, "show routes and weights"),
-        ("weight", cmd_weight, "set a route's challenger weight"),
-    ):
-        sub = commands.add_parser(name, help=help_text)
-        _admin_options(sub)
-        if name == "weight":
-            sub.add_argument("route")
-            sub.add_argument("weight", type=float)
-        else:
-            sub.add_argument("--json", action="store_true")
-        sub.set_defaults(func=func)
+    status_cmd = commands.add_parser(
+        "status",
+        help="show routes and weights",
+        description="Show every route of a running gateway: champion, challenger, weight "
+        "and split key.",
+    )
+    status_cmd.add_argument("--json", action="store_true", help="the admin API's JSON")
+    _admin_options(status_cmd)
+    status_cmd.set_defaults(func=cmd_status)
+    weight = commands.add_parser(
+        "weight",
+        help="set a route's challenger weight",
+        description="Set a route's challenger weight on a running gateway (kept in its "
+        "state store; 0 also ends a running canary).",
+    )
+    weight.add_argument("route", help="the route's name")
+    weight.add_argument("weight", type=float, help="the challenger's share of traffic, 0 to 1")
+    _admin_options(weight)
+    weight.set_defaults(func=cmd_weight)
 
-    canary = commands.add_parser("canary", help="watch and steer routes' canaries")
-    verbs = canary.add_subparsers(dest="canary_command", required=True)
+    canary = commands.add_parser(
+        "canary",
+        help="watch and steer routes' canaries",
+        description="Watch and steer the canaries of a running gateway.",
+    )
+    verbs = canary.add_subparsers(dest="canary_command", required=True, metavar="COMMAND")
     status = verbs.add_parser(
-        "status", help="every canary in a line, or one route's canary in full"
+        "status",
+        help="every canary in a line, or one route's canary in full",
+        description="Every canary in a line, or one route's canary in full: counts, "
+        "bounds, decisions.",
     )
     status.add_argument("route", nargs="?", help="show this route's canary in full")
     status.add_argument("--watch", action="store_true", help="refresh every second until Ctrl-C")
@@ -528,8 +644,10 @@ def build_parser() -> argparse.ArgumentParser:
         ("promote", "make the challenger the champion"),
         ("rollback", "send no more traffic to the challenger"),
     ):
-        verb = verbs.add_parser(action, help=help_text)
-        verb.add_argument("route")
+        verb = verbs.add_parser(
+            action, help=help_text, description=help_text[0].upper() + help_text[1:] + "."
+        )
+        verb.add_argument("route", help="the route's name")
         _admin_options(verb)
         verb.set_defaults(func=cmd_canary_command, action=action)
     return parser
@@ -550,8 +668,11 @@ def _admin_options(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    problem = getattr(args, "problem", None)
+    if problem is not None and (message := problem(args)):
+        args.subparser.error(message)  # exits 2, as argparse does for its own checks
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     code: int = args.func(args)
     return code

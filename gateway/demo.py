@@ -18,10 +18,14 @@ import hashlib
 import itertools
 import os
 import random
+import shlex
+import shutil
 import signal
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -43,6 +47,23 @@ TEXTS = (
     "it works",
     "meh",
 )
+
+
+def gateway_command() -> str:
+    """How to run ``gateway`` from where the demo was started, for the banner: its name
+    when PATH finds this installation's, else its path (``.venv/bin/gateway`` after ``make
+    demo``, where the virtual environment is not activated)."""
+    # The script beside this interpreter, not resolved: a venv's python is a symlink.
+    script = Path(sys.executable).parent / "gateway"
+    if not script.is_file():
+        return shlex.join([sys.executable, "-m", "gateway.cli"])
+    found = shutil.which("gateway")
+    if found is not None and Path(found).resolve() == script.resolve():
+        return "gateway"
+    cwd = Path.cwd()
+    if cwd != Path(cwd.anchor) and script.is_relative_to(cwd):
+        return shlex.quote(str(script.relative_to(cwd)))
+    return shlex.quote(str(script))
 
 
 @dataclass(frozen=True)
@@ -351,6 +372,7 @@ class Demo:
         gw = f"http://127.0.0.1:{self.gateway.proxy_port}"
         admin = f"http://127.0.0.1:{self.gateway.admin_port}"
         steps = " -> ".join(f"{w:g}" for w in self.canary.steps)
+        gateway = gateway_command()
         if self.load_per_second > 0:
             load = f"{self.load_per_second:g} requests/s of built-in load"
         else:
@@ -362,7 +384,7 @@ class Demo:
                 f"  challenger sentiment-v2  {self.model_urls[1]}"
                 f"  (error rate {self.challenger.error_rate:g})",
                 f"  gateway    {gw}",
-                f"  admin      {admin}  (/metrics, /api/v1/routes)",
+                f"  admin      {admin}  (the status page; /metrics, /api/v1/routes)",
                 "",
                 "try:",
                 f"  curl -si {gw}/v1/models/sentiment:predict -H 'X-Request-ID: demo-1' "
@@ -370,17 +392,17 @@ class Demo:
                 f"  curl -sN {gw}/v1/chat/completions -H 'X-User-ID: alice' "
                 '-d \'{"messages": [{"role": "user", "content": "hello"}], "stream": true}\'',
                 f"  curl -s {admin}/api/v1/routes/sentiment/shadow   # champion vs challenger",
-                f"  gateway status --admin {admin}",
-                f"  gateway weight chat 0.5 --admin {admin}   # the canary steers sentiment's",
+                f"  {gateway} status --admin {admin}",
+                f"  {gateway} weight chat 0.5 --admin {admin}   # the canary steers sentiment's",
                 "",
                 f"canary: sentiment's challenger ramps up through weights {steps}, a step every "
                 f"{self.canary.step_interval_seconds:g}s or more, under {load};",
                 "it is rolled back as soon as it fails significantly more than the champion "
-                "(try gateway demo --error-rate 0.2). Watch it:",
-                f"  gateway canary status sentiment --watch --admin {admin}",
+                f"(try {gateway} demo --error-rate 0.2). Watch it on {admin}/ or with:",
+                f"  {gateway} canary status sentiment --watch --admin {admin}",
                 "and once it is awaiting_promotion (or at any time):",
-                f"  gateway canary promote sentiment --admin {admin}",
-                f"  gateway canary rollback sentiment --admin {admin}",
+                f"  {gateway} canary promote sentiment --admin {admin}",
+                f"  {gateway} canary rollback sentiment --admin {admin}",
             ]
         )
 
