@@ -19,6 +19,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
     multiprocess,
 )
@@ -39,6 +40,10 @@ DELTA_BUCKETS = (
 SYNC_SECONDS = 1.0
 
 NO_ROUTE = ""
+
+# A counter's or histogram's *_created series (its creation time) would double the series
+# a scrape returns, and dashboards never use it. (A process-wide setting of the library.)
+disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class Metrics:

@@ -21,7 +21,7 @@ from gateway.cli import build_parser
 from tests.cli_support import ROOT, cli_env, run_cli_sync
 from tests.conftest import StartGateway
 from tests.helpers.ports import free_port
-from tests.support import gateway_document
+from tests.support import admin_url, gateway_document, proxy_url
 
 README = ROOT / "README.md"
 # A PATH without the virtual environment's bin directory, as after `make install` in a
@@ -204,3 +204,23 @@ async def test_start_up_log_counts_in_words(
         await start_gateway(document)
     started = [r.getMessage() for r in caplog.records if "listening on" in r.getMessage()]
     assert len(started) == 1 and started[0].endswith(", 1 route"), started
+
+
+# --- /metrics: no *_created series ---------------------------------------------------------
+
+
+async def test_metrics_have_no_created_series(
+    start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    document = gateway_document(
+        {"m": {"url": "http://127.0.0.1:9"}},
+        [{"name": "a", "match": {"path_prefix": "/a"}, "champion": "m"}],
+    )
+    gateway = await start_gateway(document)
+    async with http.get(proxy_url(gateway, "/nowhere")) as r:  # a 404: counted, unrouted
+        assert r.status == 404
+    async with http.get(admin_url(gateway, "/metrics")) as r:
+        text = await r.text()
+    assert 'gateway_requests_total{code="404",route="",variant=""} 1.0' in text
+    assert "gateway_request_duration_seconds_count" in text
+    assert "_created" not in text
