@@ -6,14 +6,17 @@ on the shared Redis with a model name nobody else uses, and deletes its keys aft
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import types
+from pathlib import Path
 
 import pytest
 import redis
 
 from gateway.tracing import TraceWriter
 from tests.aibrix.fixtures import aibrix_model, forget_writer, load_reader  # noqa: F401  (fixtures)
+from tests.aibrix.loader import COPY, MODULE_SHA256, load_reader_module
 from tests.helpers.clock import FakeClock
 from tests.redis_fixtures import SHARED_REDIS_URL, fast_client
 from tests.trace_support import flush_after, serve
@@ -78,3 +81,13 @@ async def test_gateway_load_reader_reads_our_windows(
     finally:
         await client.aclose()
         forget_writer(w.writer_id)
+
+
+def test_the_copy_is_aibrix_own_and_a_changed_one_is_refused(tmp_path: Path) -> None:
+    assert hashlib.sha256(COPY.read_bytes()).hexdigest() == MODULE_SHA256
+    assert COPY.read_text().startswith("# Copyright 2024 The Aibrix Team.")
+    assert (COPY.parent / "LICENSE").read_text().lstrip().startswith("Apache License")
+    changed = tmp_path / "load_reader.py"
+    changed.write_bytes(COPY.read_bytes() + b"\n# changed\n")
+    with pytest.raises(RuntimeError, match="the copy was changed"):
+        load_reader_module(changed)

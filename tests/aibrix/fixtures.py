@@ -3,11 +3,9 @@ the ones they use (``from tests.aibrix.fixtures import ...``), as with the Redis
 
 from __future__ import annotations
 
-import tempfile
 import types
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -16,16 +14,9 @@ from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix
 
 
 @pytest.fixture(scope="module")
-def load_reader(request: pytest.FixtureRequest) -> types.ModuleType:
-    """AIBrix's ``load_reader`` module. The wheel is kept in pytest's cache dir when it
-    is enabled (CI can keep it between runs), else under /tmp."""
-    cache = getattr(request.config, "cache", None)
-    where = (
-        cache.mkdir("aibrix-wheel")
-        if cache is not None
-        else Path(tempfile.gettempdir()) / "model-gateway-aibrix-wheel"
-    )
-    return load_reader_module(where)
+def load_reader() -> types.ModuleType:
+    """AIBrix's ``load_reader`` module (the copy in ``tests/aibrix/vendor/``)."""
+    return load_reader_module()
 
 
 @pytest.fixture
