@@ -7,11 +7,19 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
-from gateway.upstream.client import Origin, UpstreamClient, UpstreamError, UpstreamTimeout
+from gateway.upstream.client import (
+    ConnectError,
+    Origin,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from tests.shadow_support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
@@ -427,3 +435,115 @@ def test_request_head_layout(
     source = stream() if body == "stream" else body
     head = _request_head(method, "/p?q=1", "h:81", headers, source, length)  # type: ignore[arg-type]
     assert head == _head_line_by_line(method, "/p?q=1", "h:81", headers, framing)
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n",
+        b"HTTP/1.1 101 Switching Protocols\r\n\r\nafter",
+        b"HTTP/1.1 000 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 099 Nearly\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 1000 Big\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 600 Beyond\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 OK\r\n\r\n",
+    ],
+)
+async def test_switching_protocols_and_bad_status_lines_are_protocol_errors(
+    raw_server: RawServer, client: UpstreamClient, answer: bytes
+) -> None:
+    origin = await raw_server(answers_once(answer, hold_open=True))
+    assert await error_reason(client, origin) == "protocol"
+    # Nothing is left open or pooled: the connection is gone with the exchange.
+    await wait_until(lambda: client.open_connections(origin) == 0, "the connection closed")
+
+
+@pytest.mark.parametrize("version", [b"1.0", b"1.1"])
+async def test_an_answer_delimited_by_close_is_relayed_whole(
+    raw_server: RawServer, client: UpstreamClient, version: bytes
+) -> None:
+    payload = os.urandom(300_000)  # past the high-water mark: reading pauses on the way
+
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/" + version + b" 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        for start in range(0, len(payload), 50_000):
+            writer.write(payload[start : start + 50_000])
+            await writer.drain()
+        writer.close()  # the end of the body
+
+    origin = await raw_server(handler)
+    status, data = await body_of(client, origin)
+    assert status == 200
+    assert hashlib.sha256(data).digest() == hashlib.sha256(payload).digest()
+    await wait_until(lambda: client.open_connections(origin) == 0, "the connection closed")
+
+
+async def test_a_close_delimited_answer_cut_by_a_reset_is_an_error(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(b"HTTP/1.0 200 OK\r\n\r\npartial")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()  # a reset, not a clean close: the body is not complete
+
+    response = await client.request(
+        await raw_server(handler), "GET", "/x", [], None, connect_timeout=2, read_timeout=2
+    )
+    with pytest.raises(UpstreamError):
+        async for _ in response.chunks():
+            pass
+    response.close()
+
+
+async def test_a_head_or_204_answer_needs_no_close_to_end(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    origin = await raw_server(answers_once(b"HTTP/1.0 204 No Content\r\n\r\n", hold_open=True))
+    assert await body_of(client, origin) == (204, b"")
+
+
+async def test_open_connections_are_counted_by_origin(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    origin = await raw_server(answers_every_request)
+    assert client.open_connections(origin) == 0
+    assert await body_of(client, origin) == (200, b"ok")
+    assert client.open_connections(origin) == 1  # idle in the pool
+    first = await client.request(origin, "GET", "/x", [], None, connect_timeout=2, read_timeout=2)
+    second = await client.request(origin, "GET", "/x", [], None, connect_timeout=2, read_timeout=2)
+    assert client.open_connections(origin) == 2
+    first.close()
+    assert second.whole_body() == b"ok"
+    second.release()  # read whole: back to the pool
+    await wait_until(lambda: client.open_connections(origin) == 1, "the closed one uncounted")
+    await client.close()
+    await wait_until(lambda: client.open_connections(origin) == 0, "every connection closed")
+
+
+async def test_a_refused_connection_is_a_connect_error(client: UpstreamClient) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # bound, not listening: refused
+        origin = Origin.parse("http", "127.0.0.1", port)
+        with pytest.raises(ConnectError) as caught:
+            await body_of(client, origin)
+    assert caught.value.reason == "connect"
+
+
+async def test_a_failing_body_source_is_not_taken_for_the_backend(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def reads_forever(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async def body() -> AsyncIterator[bytes]:
+        yield b"first"
+        raise ConnectionResetError("the client went away")
+
+    origin = await raw_server(reads_forever)
+    with pytest.raises(ConnectionResetError, match="client went away"):
+        await client.request(origin, "POST", "/x", [], body(), connect_timeout=2, read_timeout=5)

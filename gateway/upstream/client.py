@@ -53,6 +53,18 @@ class UpstreamTimeout(TimeoutError):
     """No head, or no next body chunk, within the read timeout."""
 
 
+class ConnectError(UpstreamError):
+    """No connection could be made: nothing of the request was sent, so it may go to
+    another endpoint."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("connect", message)
+
+
+class ConnectTimeout(UpstreamTimeout):
+    """No connection within the connect timeout: nothing of the request was sent."""
+
+
 @dataclass(frozen=True, slots=True)
 class Origin:
     """Where an endpoint's connections go, parsed once at config load."""
@@ -188,6 +200,7 @@ class _Connection(asyncio.Protocol):
         # uvloop's transports are not subclasses of asyncio's, hence no isinstance check.
         # Writes after the first of a loop pass wait for its end, to go out together.
         self.transport = self.client.writes.wrap(cast(asyncio.Transport, transport))
+        self.client._opened(self.origin.key)
 
     def data_received(self, data: bytes) -> None:
         if self.state is _IDLE:
@@ -207,11 +220,19 @@ class _Connection(asyncio.Protocol):
             )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.transport is not None:
+            self.client._closed_one(self.origin.key)
         self.state = _CLOSED
         self._cancel_timer()
         if self._write_ready is not None and not self._write_ready.done():
             self._write_ready.set_exception(ConnectionResetError("backend closed the connection"))
         exchange = self.exchange
+        if not exchange.complete and exc is None and _ends_at_close(exchange):
+            # An answer without Content-Length or chunking (HTTP/1.0 style) ends where the
+            # backend closes the connection: this is its end, not a failure.
+            exchange.complete = True
+            exchange.wake()
+            return
         # Also after our own close(): whoever still waits on the exchange learns it ended.
         if not exchange.complete:
             self._fail(exchange, UpstreamError("connect", "the backend closed the connection"))
@@ -241,8 +262,17 @@ class _Connection(asyncio.Protocol):
     def on_headers_complete(self) -> None:
         exchange = self.exchange
         status = exchange.status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
-            return  # informational: the real answer follows
+        if status < 200:
+            if status >= 100 and status != 101:
+                return  # informational: the real answer follows
+            # 101 Switching Protocols (the gateway asked for no upgrade, and relaying one
+            # would leave the client waiting on a protocol nobody speaks), or a status
+            # line with no valid code: nothing a client could be given.
+            self._fail(exchange, UpstreamError("protocol", _bad_status(status, exchange.reason)))
+            return
+        if status > 599:
+            self._fail(exchange, UpstreamError("protocol", _bad_status(status, exchange.reason)))
+            return
         head = exchange.head
         if not head.done():  # done already if the caller gave up (cancelled) the wait
             head.set_result(None)
@@ -364,6 +394,26 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
 
+def _bad_status(status: int, reason: str) -> str:
+    if status == 101:
+        return "the backend switched protocols (101), which the gateway does not relay"
+    return f"the backend answered with an invalid status line ({status:03d} {reason})"
+
+
+def _ends_at_close(exchange: _Exchange) -> bool:
+    """Whether an answer whose head has arrived is delimited by the connection's close:
+    no Content-Length and no Transfer-Encoding (RFC 9112 6.3, last rule)."""
+    if exchange.status < 200 or exchange.error is not None or not exchange.head.done():
+        return False
+    if exchange.head_request or exchange.status in (204, 304):
+        return False  # no body at all: complete already when the head came
+    for name, _ in exchange.raw_headers:
+        lowered = name.lower()
+        if lowered == b"content-length" or lowered == b"transfer-encoding":
+            return False
+    return True
+
+
 class UpstreamResponse:
     """An answer whose head has arrived; the body is read with ``chunks()``.
 
@@ -451,8 +501,23 @@ class UpstreamClient:
         # and requests to backends go out together.
         self.writes = writes if writes is not None else WriteBatch()
         self._idle: dict[str, deque[_Connection]] = {}  # by Origin.key
+        self._open: dict[str, int] = {}  # open connections by Origin.key, idle or in use
         self._ssl = ssl_context
         self._closed = False
+
+    def open_connections(self, origin: Origin) -> int:
+        """Connections open to ``origin`` now, idle or in use."""
+        return self._open.get(origin.key, 0)
+
+    def _opened(self, key: str) -> None:
+        self._open[key] = self._open.get(key, 0) + 1
+
+    def _closed_one(self, key: str) -> None:
+        left = self._open.get(key, 0) - 1
+        if left > 0:
+            self._open[key] = left
+        else:
+            self._open.pop(key, None)
 
     async def request(
         self,
@@ -583,13 +648,12 @@ class UpstreamClient:
                     server_hostname=origin.host if tls else None,
                 )
         except TimeoutError:
-            raise UpstreamTimeout(
+            raise ConnectTimeout(
                 f"no connection to {origin.host}:{origin.port} within {limit:g}s"
             ) from None
         except OSError as error:
-            raise UpstreamError(
-                "connect",
-                f"cannot connect to {origin.host}:{origin.port}: {error.strerror or error}",
+            raise ConnectError(
+                f"cannot connect to {origin.host}:{origin.port}: {error.strerror or error}"
             ) from None
         return conn
 
@@ -611,24 +675,26 @@ async def _write_stream(
 ) -> None:
     transport = conn.transport
     assert transport is not None
-    try:
-        async for chunk in body:
-            if conn.state is _CLOSED:
-                return
-            if not chunk:
-                continue
-            if chunked:
-                transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-            else:
-                transport.write(chunk)
-            await conn.drain()
+    # What the body's source raises (the client gone mid-upload, a body too large) goes
+    # to the caller as it is: it is not the backend's failure.
+    async for chunk in body:
         if conn.state is _CLOSED:
             return
+        if not chunk:
+            continue
         if chunked:
-            transport.write(b"0\r\n\r\n")
-        exchange.body_sent = True
-    except ConnectionResetError:
-        return  # the backend went away; the reader side reports it
+            transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            transport.write(chunk)
+        try:
+            await conn.drain()
+        except ConnectionResetError:
+            return  # the backend went away; the reader side reports it
+    if conn.state is _CLOSED:
+        return
+    if chunked:
+        transport.write(b"0\r\n\r\n")
+    exchange.body_sent = True
 
 
 _CRLF = "\r\n"
