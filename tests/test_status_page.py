@@ -42,9 +42,7 @@ def artefacts() -> Path:
 
 @pytest.fixture
 async def browser() -> AsyncIterator[Browser]:
-    chromium = executable(
-        "chromium", "apt-get install chromium", env="GATEWAY_TEST_CHROMIUM"
-    )
+    chromium = executable("chromium", "apt-get install chromium", env="GATEWAY_TEST_CHROMIUM")
     try:
         from playwright.async_api import async_playwright
     except ImportError:
@@ -188,9 +186,7 @@ async def test_what_a_person_sees_after_a_weight_change_and_a_canary_start(
     await api(http, gateway, "/api/v1/routes/sentiment/canary/start", method="POST")
     await expect_text(sentiment.locator('[data-field="canary-step"]'), r"^step 1 of 3$")
     await expect_text(sentiment.locator(".steps .current"), r"^10 %$")
-    decision = await wait_until(
-        _decided(http, gateway), "the canary's first decision", within=15
-    )
+    decision = await wait_until(_decided(http, gateway), "the canary's first decision", within=15)
     # A step lasts step_interval_seconds whatever the counts: the controller holds.
     assert (decision["action"], decision["reason"]) == ("hold", "step_in_progress"), decision
     await expect_text(
@@ -223,9 +219,11 @@ async def test_with_a_token_no_route_data_until_it_is_given(
     authorizations: list[str | None] = []
     page.on(
         "request",
-        lambda request: authorizations.append(request.headers.get("authorization"))
-        if "/api/v1/" in request.url
-        else None,
+        lambda request: (
+            authorizations.append(request.headers.get("authorization"))
+            if "/api/v1/" in request.url
+            else None
+        ),
     )
     await page.goto(admin_url(gateway, "/"))
     form = page.locator("#token-form")
