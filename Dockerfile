@@ -12,15 +12,17 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install . && rm -rf /src
 
-COPY config/gateway.yaml /etc/gateway/gateway.yaml
+# No config is built in: mount yours at /etc/gateway/gateway.yaml (config/docker.yaml is
+# an example; its backends must be addresses the container can reach, not 127.0.0.1).
+ENV GATEWAY_CONFIG=/etc/gateway/gateway.yaml
 
 USER gateway
 WORKDIR /var/lib/gateway
 EXPOSE 8080 9090
 
-# The admin listener defaults to loopback, which is where the health check runs.
+# Asks /healthz where $GATEWAY_CONFIG puts the admin listener (admin.host, admin.port).
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import sys, urllib.request; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9090/healthz', timeout=2).status == 200 else 1)"]
+    CMD ["python", "-m", "gateway.healthcheck"]
 
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["gateway"]
