@@ -37,8 +37,8 @@ function weightText(value) {
 function seconds(value) {
   if (typeof value !== "number") return "–";
   if (value < 60) return `${value < 10 ? value.toFixed(1) : Math.round(value)} s`;
-  const m = Math.floor(value / 60);
-  return `${m} min ${Math.round(value - m * 60)} s`;
+  const whole = Math.round(value);
+  return `${Math.floor(whole / 60)} min ${whole % 60} s`;
 }
 
 function dl(rows) {
