@@ -38,6 +38,7 @@ from gateway.store.redis import default_client as default_redis_client
 from gateway.text import counted
 from gateway.tracing import TraceWriter
 from gateway.upstream import BackendPool, UpstreamClient
+from gateway.upstream.health import HealthChecker
 from gateway.writes import BatchedServer, WriteBatch
 
 log = logging.getLogger("gateway")
@@ -63,6 +64,10 @@ class Gateway:
         self.steering.adopt(self.runtime)
         self.controller = CanaryController(self.steering, self.metrics)
         self.controller.adopt(self.runtime)
+        self.upstream: UpstreamClient | None = None
+        self.health_checker: HealthChecker | None = None
+        self._reloading = asyncio.Lock()
+        self.metrics.add_sampler(self._sample_upstream)
         self.shadow_runner: ShadowRunner | None = None
         self.store: StateStore | None = None
         self.tracer: TraceWriter | None = None
@@ -95,15 +100,19 @@ class Gateway:
         """Re-read the config file. A bad file raises ConfigError and changes nothing.
 
         What the new file leaves as it was keeps its runtime objects (see
-        ``gateway.runtime``); a route the file removes takes its metric series with it."""
+        ``gateway.runtime``); a route or a backend the file removes takes its metric
+        series with it. Reading, validating and building the new routes (seconds, with
+        20,000 of them) happen in a thread and the routes are adopted in slices: the
+        proxy answers throughout, and takes the new routes in one step."""
         if self.config_path is None:
             raise RuntimeError("this gateway was not started from a file")
-        new_config = load(self.config_path)
+        async with self._reloading:  # one at a time: each builds on the last
+            await self._reload(self.config_path)
+
+    async def _reload(self, path: Path) -> None:
         old_config, old_runtime = self.config, self.runtime
-        runtime = Runtime.build(new_config, self.metrics, old_runtime)
-        for name in runtime.removed_since(old_runtime):
-            self.metrics.forget_route(name)
-        self.steering.adopt(runtime)
+        new_config, runtime = await asyncio.to_thread(self._prepare, path, old_runtime)
+        await self.steering.adopt_gradually(runtime)
         self.controller.adopt(runtime)
         for section in ("server", "admin", "state", "tracing"):
             if getattr(new_config, section) != getattr(old_config, section):
@@ -111,6 +120,13 @@ class Gateway:
         self.runtime, self.config = runtime, new_config
         if self._proxy is not None:
             self._proxy.router = runtime.router
+        if self.health_checker is not None:
+            self.health_checker.adopt(runtime.pools)
+        removed = runtime.removed_since(old_runtime)
+        self.metrics.forget_records(removed)
+        await asyncio.to_thread(
+            self._forget_series, removed, runtime.endpoints_removed_since(old_runtime)
+        )
         try:
             # Stored weights the new file overrules are deleted now, not at the next
             # change some replica makes.
@@ -118,6 +134,35 @@ class Gateway:
         except StoreError as error:
             log.warning("reload: state store unavailable: %s", error)
         log.info("reloaded %s: %s", self.config_path, counted(len(runtime.routes), "route"))
+
+    def _prepare(self, path: Path, previous: Runtime) -> tuple[GatewayConfig, Runtime]:
+        """In a thread: the config file read and validated, and the runtime built from it
+        (nothing the proxy uses yet)."""
+        config = load(path)
+        return config, Runtime.build(config, self.metrics, previous)
+
+    def _forget_series(self, routes: list[str], endpoints: dict[str, list[str] | None]) -> None:
+        """In a thread: the series of removed routes, backends and endpoints."""
+        self.metrics.forget_series(routes)
+        for backend, urls in endpoints.items():
+            self.metrics.forget_backend(backend, urls)
+
+    def _sample_upstream(self) -> None:
+        """At every metrics sync: each endpoint's health and each backend's open
+        connections, read from where they are kept (nothing per request)."""
+        client = self.upstream
+        metrics = self.metrics
+        for name, pool in self.runtime.pools.items():
+            now = pool.clock()
+            origins = {}
+            for endpoint in pool.endpoints:
+                metrics.endpoint_healthy.labels(name, endpoint.base).set(
+                    1 if endpoint.healthy(now) else 0
+                )
+                origins[endpoint.origin.key] = endpoint.origin
+            if client is not None:
+                open_now = sum(client.open_connections(o) for o in origins.values())
+                metrics.upstream_connections.labels(name).set(open_now)
 
     # --- lifecycle ----------------------------------------------------------------------
 
@@ -146,8 +191,12 @@ class Gateway:
         self.tracer = await services.enter_async_context(self._tracing())
         # One batch for both sides: a pass's answers and backend requests go out together.
         writes = WriteBatch()
-        upstream = UpstreamClient(writes=writes)
+        upstream = self.upstream = UpstreamClient(writes=writes)
         services.push_async_callback(upstream.close)
+        # Active health checks, off the request path, on connections of their own.
+        self.health_checker = await services.enter_async_context(
+            HealthChecker().running(self.runtime.pools)
+        )
         self.shadow_runner = ShadowRunner(upstream, on_load=self._shadow_load)
         services.push_async_callback(self.shadow_runner.close)
         server = config.server

@@ -126,13 +126,26 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(data, indent=2))
         return 0
-    print(f"{'ROUTE':<20} {'CHAMPION':<20} {'CHALLENGER':<20} {'WEIGHT':>7}  SPLIT KEY")
+    print(
+        f"{'ROUTE':<20} {'CHAMPION':<20} {'CHALLENGER':<20} {'WEIGHT':>7}  {'HEALTHY':>7}  "
+        "SPLIT KEY"
+    )
     for route in data["routes"]:
         print(
             f"{route['name']:<20} {route['champion']:<20} {route['challenger'] or '-':<20} "
-            f"{route['challenger_weight']:>7.4g}  {route['split']['key']}"
+            f"{route['challenger_weight']:>7.4g}  {_healthy_endpoints(route):>7}  "
+            f"{route['split']['key']}"
         )
     return 0
+
+
+def _healthy_endpoints(route: dict[str, Any]) -> str:
+    """"healthy/all" over the endpoints of the route's backends, as the admin API shows
+    them (an older gateway shows none: "-")."""
+    endpoints = [e for pool in (route.get("endpoints") or {}).values() for e in pool]
+    if not endpoints:
+        return "-"
+    return f"{sum(1 for e in endpoints if e.get('healthy'))}/{len(endpoints)}"
 
 
 def cmd_weight(args: argparse.Namespace) -> int:

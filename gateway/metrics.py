@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 from bisect import bisect_left
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 from prometheus_client import (
@@ -57,10 +58,14 @@ class Metrics:
             return Counter(name, help_text, labels, registry=r)
 
         def gauge(
-            name: str, labels: list[str], help_text: str, mode: Literal["livesum", "livemostrecent"]
+            name: str,
+            labels: list[str],
+            help_text: str,
+            mode: Literal["livesum", "livemostrecent", "livemin"],
         ) -> Gauge:
-            # Under --workers: summed over the workers (in flight), or the latest value
-            # a live worker wrote (state every worker shares, such as a weight).
+            # Under --workers: summed over the workers (in flight), the latest value a
+            # live worker wrote (state every worker shares, such as a weight), or the
+            # least (an endpoint any worker holds out shows 0).
             return Gauge(name, help_text, labels, registry=r, multiprocess_mode=mode)
 
         def histogram(name: str, labels: list[str], help_text: str, buckets: Any) -> Histogram:
@@ -97,7 +102,25 @@ class Metrics:
             "Canary webhook calls by event and outcome (ok, refused, error, timeout).")
         self.trace_writes = counter("gateway_trace_writes_total", ["outcome"],
                                     "Trace window writes to Redis, by outcome.")
+        backend_endpoint = ["backend", "endpoint"]
+        self.endpoint_healthy = gauge(
+            "gateway_endpoint_healthy", backend_endpoint,
+            "1 while an endpoint is in rotation, 0 while ejected or failing its health checks.",
+            "livemin")
+        self.endpoint_ejections = counter(
+            "gateway_endpoint_ejections_total", [*backend_endpoint, "reason"],
+            "Endpoints taken out of rotation, by reason (consecutive_failures, health_check).")
+        self.upstream_connections = gauge(
+            "gateway_upstream_connections", ["backend"],
+            "Open connections to a backend's endpoints, in use or idle.", "livesum")
         # fmt: on
+        # Every metric with a backend label: what forget_backend clears.
+        self._by_backend: tuple[Counter | Gauge, ...] = (
+            self.endpoint_healthy, self.endpoint_ejections, self.upstream_connections,
+        )  # fmt: skip
+        # Called at every sync: gauges of state kept elsewhere (endpoint health, open
+        # connections) are read when they are reported, not on the request path.
+        self._samplers: list[Callable[[], None]] = []
 
         # Every metric with a route label: what forget_route clears.
         self._by_route: tuple[Counter | Gauge | Histogram, ...] = (
@@ -106,6 +129,8 @@ class Metrics:
             self.canary_state, self.canary_decisions, self.canary_step,
             self.canary_webhook_calls,
         )  # fmt: skip
+        for metric in self._by_route:
+            check_series_layout(metric)
         # One record per (route, variant) while the route exists: a reload builds new
         # routes while requests on the old ones finish, and both count into it.
         self._routes: dict[tuple[str, str], RouteMetrics] = {}
@@ -127,20 +152,69 @@ class Metrics:
         """A route the config no longer has: its records and every series labelled with
         it go, so /metrics does not report it forever. (Under --workers the series live
         in the worker's metric files, which prometheus_client cannot remove from.)"""
-        for key in [key for key in self._routes if key[0] == route]:
+        self.forget_records([route])
+        self.forget_series([route])
+
+    def forget_records(self, routes: Collection[str]) -> None:
+        """The first half of forgetting routes: their records stop being synced (quick,
+        on the event loop, once no new request can reach them)."""
+        gone = set(routes)
+        for key in [key for key in self._routes if key[0] in gone]:
             del self._routes[key]
+
+    def forget_series(self, routes: Collection[str]) -> None:
+        """The second half: every series labelled with one of ``routes`` goes. One pass
+        over each metric's series, whatever the number of routes (prometheus_client's
+        remove_by_labels passes over all of them for each route: 10,000 routes took
+        minutes). Thread-safe, as prometheus_client is: a reload runs it off the loop."""
+        if multiprocess_dir() is not None or not routes:
+            return
+        gone = set(routes)
+        for metric in self._by_route:
+            _remove_series(metric, "route", gone)
+
+    def endpoint_ejected(self, backend: str, endpoint: str, reason: str) -> None:
+        """An endpoint was taken out of rotation (rare: counted as it happens)."""
+        self.endpoint_ejections.labels(backend, endpoint, reason).inc()
+
+    def add_sampler(self, sampler: Callable[[], None]) -> None:
+        """``sampler`` sets gauges of state kept elsewhere at every sync."""
+        self._samplers.append(sampler)
+
+    def forget_backend(self, backend: str, endpoints: Collection[str] | None = None) -> None:
+        """A backend the config no longer has, or (with ``endpoints``) endpoints it no
+        longer lists: their series go, as ``forget_route``'s do."""
         if multiprocess_dir() is not None:
             return
-        for metric in self._by_route:
-            metric.remove_by_labels({"route": route})
+        if endpoints is None:
+            for metric in self._by_backend:
+                metric.remove_by_labels({"backend": backend})
+            return
+        for endpoint in endpoints:
+            for metric in (self.endpoint_healthy, self.endpoint_ejections):
+                metric.remove_by_labels({"backend": backend, "endpoint": endpoint})
 
     def sync(self) -> None:
         """Move the per-route counts into the Prometheus metrics."""
-        for record in self._routes.values():
+        for sampler in self._samplers:
+            sampler()
+        # A copy: a reload builds new routes' records in a thread meanwhile.
+        for record in list(self._routes.values()):
             record.sync()
 
     def render(self) -> bytes:
         self.sync()
+        return self._text()
+
+    async def render_off_loop(self) -> bytes:
+        """``render`` for the admin listener: the counts are synced on the event loop
+        (quick, and the request path writes them there), the text is made in a thread.
+        With 20,000 routes that text is tens of megabytes and seconds of CPU, during
+        which the proxy would otherwise answer nothing."""
+        self.sync()
+        return await asyncio.to_thread(self._text)
+
+    def _text(self) -> bytes:
         if multiprocess_dir() is not None:
             # Under --workers each process writes its values to files; any worker
             # answers a scrape with the sum over all of them.
@@ -245,6 +319,14 @@ class RouteMetrics:
     def sync(self) -> None:
         """Add what was counted since the last sync to the Prometheus metrics."""
         synced_codes, synced_buckets, synced_seconds = self._synced
+        if (
+            self._buckets == synced_buckets
+            and not self._errors
+            and self.in_flight == self._synced_in_flight
+        ):
+            # Nothing answered since (every answer is counted in a bucket): with
+            # thousands of routes, most are idle between two scrapes.
+            return
         buckets = [now - then for now, then in zip(self._buckets, synced_buckets, strict=True)]
         answered = sum(buckets)
         if answered:
@@ -272,6 +354,32 @@ class RouteMetrics:
             if child is None:
                 child = children[key] = counter.labels(self.route, self.variant, str(key))
             child.inc(n)
+
+
+def _remove_series(
+    metric: Counter | Gauge | Histogram, label: str, values: Collection[str]
+) -> None:
+    """Remove every series of ``metric`` whose ``label`` is one of ``values``, in one pass
+    (under the metric's own lock, on its own table of children: see check_series_layout)."""
+    position = metric._labelnames.index(label)
+    with metric._lock:
+        children = metric._metrics
+        for key in [key for key in children if key[position] in values]:
+            del children[key]
+
+
+def check_series_layout(metric: Counter | Gauge | Histogram) -> None:
+    """Fail at start-up if prometheus_client no longer keeps a labelled metric's children
+    in a dict by label values, under a lock (what _remove_series relies on)."""
+    if not (
+        isinstance(getattr(metric, "_metrics", None), dict)
+        and hasattr(getattr(metric, "_lock", None), "__enter__")
+        and isinstance(getattr(metric, "_labelnames", None), tuple)
+    ):
+        raise RuntimeError(
+            "this prometheus-client keeps labelled series in an unexpected layout; "
+            "install a version this gateway supports (see pyproject.toml)"
+        )
 
 
 def add_to_histogram(child: Histogram, bucket_counts: list[int], total: float) -> None:

@@ -161,7 +161,11 @@ class Runtime:
     def build(
         cls, config: GatewayConfig, metrics: Metrics, previous: Runtime | None = None
     ) -> Runtime:
-        pools = build_pools(config.backends, previous.pools if previous else None)
+        pools = build_pools(
+            config.backends,
+            previous.pools if previous else None,
+            on_ejection=metrics.endpoint_ejected,
+        )
         old_routes = previous.routes if previous else {}
         routes = {
             route.name: build_route(route, pools, metrics, old_routes.get(route.name))
@@ -172,3 +176,18 @@ class Runtime:
     def removed_since(self, previous: Runtime) -> list[str]:
         """Routes that ``previous`` had and this one does not."""
         return [name for name in previous.routes if name not in self.routes]
+
+    def endpoints_removed_since(self, previous: Runtime) -> dict[str, list[str] | None]:
+        """What ``previous`` had and this one does not, by backend: None for a backend
+        gone altogether, else the endpoint URLs it no longer lists."""
+        removed: dict[str, list[str] | None] = {}
+        for name, pool in previous.pools.items():
+            now = self.pools.get(name)
+            if now is None:
+                removed[name] = None
+                continue
+            listed = {endpoint.base for endpoint in now.endpoints}
+            gone = [e.base for e in pool.endpoints if e.base not in listed]
+            if gone:
+                removed[name] = gone
+        return removed

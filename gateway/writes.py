@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any, cast
 
 from aiohttp import web
@@ -212,8 +213,28 @@ class BatchedServer(web.Server):
 
 
 class _BatchedRequestHandler(RequestHandler):
-    __slots__ = ()
+    __slots__ = ("on_lost",)
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.on_lost: Callable[[], None] | None = None
         server = cast(BatchedServer, self._manager)
         super().connection_made(server.writes.wrap(cast(asyncio.Transport, transport)))
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        hook, self.on_lost = getattr(self, "on_lost", None), None
+        super().connection_lost(exc)
+        if hook is not None:
+            hook()
+
+
+def watch_client(request: web.BaseRequest, on_lost: Callable[[], None] | None) -> bool:
+    """Have ``on_lost`` called, once, should the connection ``request`` came on be lost
+    (None stops watching). With aiohttp's handler cancellation off, nothing else tells
+    a handler waiting on something other than the client that the client is gone: the
+    proxy uses it to close the upstream connection of an answer the client left. False
+    when the request did not come through a BatchedServer (nothing is watched)."""
+    protocol = request.protocol
+    if isinstance(protocol, _BatchedRequestHandler):
+        protocol.on_lost = on_lost
+        return True
+    return False

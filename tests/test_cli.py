@@ -72,8 +72,8 @@ async def test_status_table_and_json(
     rows = table(text)
     assert rows[0][0] == "ROUTE"
     assert rows[1:] == [
-        ["sentiment", "sentiment-v1", "sentiment-v2", "0.1", "request_id"],
-        ["chat", "sentiment-v1", "-", "0", "header:X-User-ID"],
+        ["sentiment", "sentiment-v1", "sentiment-v2", "0.1", "2/2", "request_id"],
+        ["chat", "sentiment-v1", "-", "0", "1/1", "header:X-User-ID"],
     ]
     assert as_json.returncode == 0, as_json.describe()
     async with http.get(admin_url(gateway, "/api/v1/routes")) as r:

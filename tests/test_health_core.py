@@ -12,12 +12,12 @@ from gateway.core.health import (
     CheckPolicy,
     FailureVerdict,
     OutlierPolicy,
-    RetryBudget,
     after_check,
     after_failure,
     check_delay,
     ejection_limit,
     ejection_seconds,
+    retry_allowed,
     streak_on_return,
 )
 
@@ -148,46 +148,27 @@ def test_check_delay_spans_the_jitter() -> None:
     assert check_delay(10.0, 0.99999) == pytest.approx(11.0, abs=1e-3)
 
 
-def test_retry_budget_is_a_share_of_requests() -> None:
-    budget = RetryBudget(ratio=0.2, window=10.0, minimum=0)
-    granted = sum(budget.allow(requests, now=1.0) for requests in range(1, 101))
-    assert granted == 20  # 20 % of 100 requests in one window
-    assert not budget.allow(100, now=2.0)
+@pytest.mark.parametrize(
+    ("requests", "retries", "allowed"),
+    [
+        (0, 0, True),  # at least three at once, however quiet the backend
+        (1, 2, True),
+        (3, 3, False),
+        (10, 2, True),
+        (10, 3, False),
+        (20, 3, True),  # a fifth of 20 is 4
+        (20, 4, False),
+        (100, 19, True),
+        (100, 20, False),
+    ],
+)
+def test_retry_budget(requests: int, retries: int, allowed: bool) -> None:
+    assert retry_allowed(requests, retries) is allowed
 
 
-def test_retry_budget_minimum_lets_a_quiet_backend_retry() -> None:
-    budget = RetryBudget(ratio=0.2, window=10.0, minimum=3)
-    assert [budget.allow(1, now=0.0) for _ in range(4)] == [True, True, True, False]
-
-
-def test_retry_budget_counts_the_previous_window_then_forgets_it() -> None:
-    budget = RetryBudget(ratio=0.2, window=10.0, minimum=0)
-    assert sum(budget.allow(50, now=0.0) for _ in range(20)) == 10  # 20 % of 50
-    # The next window still sees the last one: 60 requests, 10 retries so far.
-    assert budget.allow(60, now=10.0) is True  # 11 < 12
-    assert budget.allow(60, now=10.5) is True  # 11 retries: 11 < 12
-    assert budget.allow(60, now=11.0) is False  # 12 retries: 12 >= 12
-    # A window on, the first is forgotten: 20 requests and 2 retries in the last one.
-    assert budget.allow(80, now=20.0) is True  # 2 < 4
-    assert budget.allow(80, now=20.1) is True  # 3 < 4
-    assert budget.allow(80, now=20.2) is False
-    # After a quiet gap of two windows nothing of before counts: with no minimum, no
-    # retry until requests come again.
-    assert budget.allow(80, now=45.0) is False
-    assert [budget.allow(90, now=45.5) for _ in range(3)] == [True, True, False]
-
-
-@given(st.lists(st.tuples(st.integers(0, 5), st.floats(0, 3)), max_size=300))
-def test_retry_budget_never_grants_more_than_its_share_plus_the_minimum(
-    steps: list[tuple[int, float]],
-) -> None:
-    budget = RetryBudget(ratio=0.2, window=10.0, minimum=3)
-    requests, now, granted = 0, 0.0, 0
-    for new_requests, elapsed in steps:
-        requests += new_requests
-        now += elapsed
-        granted += budget.allow(requests, now)
-    # Per window at most max(20 % of the requests seen, 3): over everything, no more than
-    # 20 % of all requests plus the minimum for every window that passed.
-    windows = int(now // 10.0) + 1
-    assert granted <= 0.2 * requests * 2 + 3 * windows
+@given(st.integers(0, 10_000), st.integers(0, 10_000))
+def test_retry_budget_is_a_fifth_of_requests_or_three(requests: int, retries: int) -> None:
+    if retry_allowed(requests, retries):
+        assert retries < 3 or retries < 0.2 * requests
+    else:
+        assert retries >= 3 and retries >= 0.2 * requests

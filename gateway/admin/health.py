@@ -18,7 +18,8 @@ async def readyz(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     settle_shadows(request)
-    body = request.app[TARGET].metrics.render()
+    # The text is made off the event loop: with many routes it takes seconds.
+    body = await request.app[TARGET].metrics.render_off_loop()
     return web.Response(
         body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}
     )

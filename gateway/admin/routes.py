@@ -31,7 +31,14 @@ def route_view(route: RouteRuntime, canary: Status | None = None) -> dict[str, A
         },
         "shadow": _shadow_summary(route),
         "canary": _canary_summary(canary) if config.canary else None,
+        "endpoints": _endpoint_health(route),
     }
+
+
+def _endpoint_health(route: RouteRuntime) -> dict[str, list[dict[str, Any]]]:
+    """Each endpoint of the route's backends: in rotation or not, why, until when."""
+    pools = [route.champion] if route.challenger is None else [route.champion, route.challenger]
+    return {pool.name: pool.health() for pool in pools}
 
 
 def _canary_summary(status: Status | None) -> dict[str, Any]:

@@ -17,9 +17,11 @@ out, ``healthy_threshold`` passed ones in a row put it back. They are the operat
 probe, so the share limit does not apply to them (with every endpoint failing its
 checks a backend answers 503 ``no_healthy_endpoint``).
 
-The retry budget: a request whose connection failed may be sent again elsewhere while
-the backend's retries over the last window stay under ``ratio`` of its requests (with a
-floor of ``minimum`` per window, so that a quiet backend can still retry).
+The retry budget, as Envoy's: a request whose connection failed may be sent again to
+another endpoint while the backend's retries in flight stay under a fifth of its
+requests in flight (or three at once, whichever is more). A dead endpoint refuses at
+once, so its retries end quickly and the budget is rarely reached; a backend failing
+everywhere at once is not sent twice its load.
 """
 
 from __future__ import annotations
@@ -134,40 +136,19 @@ def check_delay(interval: float, draw: float, *, jitter: float = 0.1) -> float:
     return interval * (1.0 - jitter + 2.0 * jitter * draw)
 
 
-@dataclass(slots=True)
-class RetryBudget:
-    """Retries allowed for one backend: fewer than ``ratio`` of its requests over the
-    current and the previous ``window`` seconds, or ``minimum`` per window, whichever
-    is more. The caller counts requests (a running total) and asks ``allow`` only when
-    it wants to retry; ``allow`` counts the retry when it grants it."""
+# Envoy's retry budget defaults: retries in flight may be a fifth of the requests in
+# flight, and at least three at once, so that a quiet backend can still retry.
+RETRY_BUDGET_RATIO = 0.2
+MIN_RETRY_CONCURRENCY = 3
 
-    ratio: float = 0.2
-    window: float = 10.0
-    minimum: int = 3
-    _start: float | None = None
-    _requests_at_start: int = 0
-    _retries: int = 0
-    _previous_requests: int = 0
-    _previous_retries: int = 0
 
-    def allow(self, requests: int, now: float) -> bool:
-        """Whether one more retry fits, given ``requests`` so far (a running total, the
-        request to retry included); if it does, it is counted."""
-        if self._start is None:
-            self._start = now
-            self._requests_at_start = 0
-        elif now - self._start >= self.window:
-            if now - self._start >= 2 * self.window:
-                self._previous_requests, self._previous_retries = 0, 0  # a quiet gap
-            else:
-                self._previous_requests = requests - self._requests_at_start
-                self._previous_retries = self._retries
-            self._start = now
-            self._requests_at_start = requests
-            self._retries = 0
-        seen = requests - self._requests_at_start + self._previous_requests
-        retried = self._retries + self._previous_retries
-        if retried >= max(self.ratio * seen, self.minimum):
-            return False
-        self._retries += 1
-        return True
+def retry_allowed(
+    requests_in_flight: int,
+    retries_in_flight: int,
+    *,
+    ratio: float = RETRY_BUDGET_RATIO,
+    minimum: int = MIN_RETRY_CONCURRENCY,
+) -> bool:
+    """Whether one more retry may start, given a backend's requests in flight (retries
+    included) and the retries among them."""
+    return retries_in_flight < max(minimum, ratio * requests_in_flight)

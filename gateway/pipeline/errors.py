@@ -22,8 +22,10 @@ class GatewayError:
 NO_ROUTE = GatewayError(404, "no_route")
 BODY_TOO_LARGE = GatewayError(413, "body_too_large")
 UPSTREAM_UNAVAILABLE = GatewayError(502, "upstream_unavailable")
+BAD_UPSTREAM_RESPONSE = GatewayError(502, "bad_upstream_response")
 UPSTREAM_TIMEOUT = GatewayError(504, "upstream_timeout")
 NO_HEALTHY_ENDPOINT = GatewayError(503, "no_healthy_endpoint")
+UPSTREAM_OVERLOADED = GatewayError(503, "upstream_overloaded")
 DRAINING = GatewayError(503, "draining")
 
 

@@ -21,8 +21,10 @@ from gateway.metrics import RouteMetrics
 from gateway.pipeline import record
 from gateway.pipeline.body import limited_stream
 from gateway.pipeline.errors import (
+    BAD_UPSTREAM_RESPONSE,
     BODY_TOO_LARGE,
     NO_HEALTHY_ENDPOINT,
+    UPSTREAM_OVERLOADED,
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
     BodyTooLarge,
@@ -32,7 +34,19 @@ from gateway.pipeline.errors import (
 from gateway.pipeline.exchange import Exchange
 from gateway.pipeline.split import VARIANT_HEADER
 from gateway.shadow import BoundedCopy
-from gateway.upstream import BodySource, UpstreamClient, UpstreamError, UpstreamResponse
+from gateway.upstream import (
+    BackendPool,
+    BodySource,
+    ConnectError,
+    ConnectTimeout,
+    Endpoint,
+    NoHealthyEndpoint,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamOverloaded,
+    UpstreamResponse,
+)
+from gateway.writes import watch_client
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -220,30 +234,72 @@ class Forwarder:
         except BodyTooLarge:
             return self.too_large(metrics, request_id, started)
         endpoint = pool.pick()
-        if endpoint is None:
-            metrics.upstream_error("no_healthy_endpoint")
-            return self.fail(
-                metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
-                request_id, started,
-            )  # fmt: skip
+        if endpoint is not None:
+            endpoint.active += 1
+        else:
+            try:
+                endpoint = await pool.acquire()  # its slot counted
+            except NoHealthyEndpoint:
+                metrics.upstream_error("no_healthy_endpoint")
+                return self.fail(
+                    metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
+                    request_id, started,
+                )  # fmt: skip
+            except UpstreamOverloaded:
+                metrics.upstream_error("overloaded")
+                return self.fail(
+                    metrics, UPSTREAM_OVERLOADED,
+                    f"backend {pool.name} is at {pool.max_connections} connections per "
+                    f"endpoint and none freed within {pool.queue_timeout_seconds:g}s",
+                    request_id, started,
+                )  # fmt: skip
 
         headers = upstream_request_headers(request, self.request_id_header, request_id)
-        endpoint.active += 1
+        client = self.client
         try:
             try:
-                upstream = await self.client.request(
-                    endpoint.origin,
-                    request.method,
-                    endpoint.target(request.raw_path),
-                    headers,
-                    data,
-                    content_length=length,
-                    connect_timeout=pool.connect_timeout_seconds,
-                    read_timeout=pool.timeout_seconds,
-                )
+                try:
+                    upstream = await client.request(
+                        endpoint.origin,
+                        request.method,
+                        endpoint.target(request.raw_path),
+                        headers,
+                        data,
+                        content_length=length,
+                        connect_timeout=pool.connect_timeout_seconds,
+                        read_timeout=pool.timeout_seconds,
+                    )
+                except (ConnectError, ConnectTimeout) as error:
+                    # Nothing was sent: once more, on another endpoint, within the budget.
+                    other = pool.other_than(endpoint)
+                    if other is None or not pool.may_retry():
+                        raise
+                    reason = "timeout" if isinstance(error, TimeoutError) else "connect"
+                    metrics.upstream_error(reason)
+                    pool.failed(endpoint)
+                    _release(pool, endpoint)
+                    endpoint = other
+                    endpoint.active += 1
+                    pool.retries += 1
+                    try:
+                        upstream = await client.request(
+                            endpoint.origin,
+                            request.method,
+                            endpoint.target(request.raw_path),
+                            headers,
+                            data,
+                            content_length=length,
+                            connect_timeout=pool.connect_timeout_seconds,
+                            read_timeout=pool.timeout_seconds,
+                        )
+                    finally:
+                        pool.retries -= 1
             except BodyTooLarge:
                 return self.too_large(metrics, request_id, started)
             except TimeoutError:
+                if request.transport is None:
+                    return _client_left(metrics, started)
+                pool.failed(endpoint)
                 metrics.upstream_error("timeout")
                 return self.fail(
                     metrics, UPSTREAM_TIMEOUT,
@@ -251,47 +307,63 @@ class Forwarder:
                     request_id, started,
                 )  # fmt: skip
             except (UpstreamError, OSError) as error:
+                if request.transport is None:
+                    # The client went away (mid-upload): not the backend's failure.
+                    return _client_left(metrics, started)
                 pool.failed(endpoint)
                 reason = error.reason if isinstance(error, UpstreamError) else "connect"
                 metrics.upstream_error(reason)
+                if reason == "protocol":
+                    return self.fail(
+                        metrics, BAD_UPSTREAM_RESPONSE,
+                        f"backend {pool.name} sent an invalid answer: {error}", request_id, started,
+                    )  # fmt: skip
                 return self.fail(
                     metrics, UPSTREAM_UNAVAILABLE,
                     f"backend {pool.name} is unavailable: {error}", request_id, started,
                 )  # fmt: skip
-            if endpoint.consecutive_failures:  # no call and no write on the usual path
+            if upstream.status >= 500:
+                pool.failed(endpoint)
+            elif endpoint.consecutive_failures:  # no call and no write on the usual path
                 pool.succeeded(endpoint)
-            response, complete = await self._relay(exchange, upstream)
+            response, complete = await self._relay(exchange, upstream, pool, endpoint)
         finally:
-            endpoint.active -= 1
+            if pool.waiting:
+                pool.release(endpoint)  # its slot goes to the first waiting request
+            else:
+                endpoint.active -= 1
         if complete and exchange.mirror is not None:
             exchange.mirror.submit(request, request_id, headers, upstream, started)
         return response
 
     async def _relay(
-        self, exchange: Exchange, upstream: UpstreamResponse
+        self, exchange: Exchange, upstream: UpstreamResponse, pool: BackendPool, endpoint: Endpoint
     ) -> tuple[web.StreamResponse, bool]:
         """Stream the upstream answer to the client chunk by chunk as it arrives.
 
-        Returns the response and whether the whole answer reached the client."""
+        Returns the response and whether the whole answer reached the client. However it
+        ends (the client gone, the backend failing, anything raised), the upstream
+        connection is released or closed here."""
         request, metrics = exchange.request, exchange.lane.metrics
         exchange.answered = True
-        body = upstream.whole_body()
-        response = (web.StreamResponse if body is None else _OneWriteResponse)(
-            status=upstream.status, reason=upstream.reason
-        )
-        copy_response_headers(
-            upstream,
-            response.headers,
-            self.request_id_header,
-            exchange.request_id,
-            exchange.lane.variant,
-        )
-        traced = exchange.trace is not None
-        copy: BoundedCopy | None = None
-        if exchange.mirror is not None:
-            copy = exchange.mirror.copy_answer()
         complete = False
+        watched = False
         try:
+            body = upstream.whole_body()
+            response = (web.StreamResponse if body is None else _OneWriteResponse)(
+                status=upstream.status, reason=upstream.reason
+            )
+            copy_response_headers(
+                upstream,
+                response.headers,
+                self.request_id_header,
+                exchange.request_id,
+                exchange.lane.variant,
+            )
+            traced = exchange.trace is not None
+            copy: BoundedCopy | None = None
+            if exchange.mirror is not None:
+                copy = exchange.mirror.copy_answer()
             await response.prepare(request)
             if body is not None:
                 # The usual small answer, already here with its head: it goes out in one
@@ -301,43 +373,73 @@ class Forwarder:
                 await response.write_eof(body)
                 if copy is not None:
                     copy.feed(body)
-            elif not traced and copy is None:
-                async for chunk in upstream.chunks():
-                    await response.write(chunk)
-                await response.write_eof()
             else:
-                usage = UsageSniffer() if traced else None
-                try:
+                # Streamed: should the client go away while the backend is between two
+                # chunks (an LLM thinking), the upstream connection is closed at once,
+                # not when the next chunk finds nobody to write to.
+                watched = watch_client(request, upstream.close)
+                if not traced and copy is None:
                     async for chunk in upstream.chunks():
                         await response.write(chunk)
+                    await response.write_eof()
+                else:
+                    usage = UsageSniffer() if traced else None
+                    try:
+                        async for chunk in upstream.chunks():
+                            await response.write(chunk)
+                            if usage is not None:
+                                usage.feed(chunk)
+                            if copy is not None:
+                                copy.feed(chunk)
+                    finally:
                         if usage is not None:
-                            usage.feed(chunk)
-                        if copy is not None:
-                            copy.feed(chunk)
-                finally:
-                    if usage is not None:
-                        exchange.tokens = usage.usage()
-                await response.write_eof()
+                            exchange.tokens = usage.usage()
+                    await response.write_eof()
             complete = True
         except TimeoutError:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
+            pool.failed(endpoint)
             metrics.upstream_error("timeout")
             _cut_off(metrics, upstream.status)
             _abort(request)
             upstream.close()
         except UpstreamError:
-            metrics.upstream_error("stream_reset")
-            _cut_off(metrics, upstream.status)
-            _abort(request)
             upstream.close()
-        except ConnectionResetError:
-            # The client went away: stop reading from the backend.
+            if request.transport is not None:  # else the client left, and closed it
+                pool.failed(endpoint)
+                metrics.upstream_error("stream_reset")
+                _cut_off(metrics, upstream.status)
+                _abort(request)
+        except ConnectionError:
+            # The client went away (reset, broken pipe, aiohttp's "Connection lost"):
+            # stop reading from the backend; a connection whose answer was complete may
+            # serve again.
+            upstream.release()
+        except BaseException:
             upstream.close()
+            raise
         else:
             upstream.release()
+        finally:
+            if watched:
+                watch_client(request, None)
         exchange.finished = record.count(metrics, upstream.status, exchange.started)
         return response, complete
+
+
+def _release(pool: BackendPool, endpoint: Endpoint) -> None:
+    if pool.waiting:
+        pool.release(endpoint)
+    else:
+        endpoint.active -= 1
+
+
+def _client_left(metrics: RouteMetrics, started: float) -> web.Response:
+    """An answer for a client that went away before it could get one: nobody reads it,
+    but it is counted, as 499 (nginx's "client closed request"), not as a failure."""
+    record.count(metrics, 499, started)
+    return web.Response(status=499)
 
 
 def _cut_off(metrics: RouteMetrics, status: int) -> None:

@@ -208,7 +208,10 @@ class ShadowRunner:
     ) -> tuple[Answer | None, float]:
         endpoint = pool.pick()
         if endpoint is None:
-            raise UpstreamError("connect", f"backend {pool.name} has no healthy endpoint")
+            # None in service with a free connection: a shadow call never waits for one
+            # (nor takes one that a client's request is waiting for).
+            raise UpstreamError("connect", f"backend {pool.name} has no endpoint free")
+        endpoint.active += 1  # it holds a connection, under the endpoint's cap
         headers = [*request.headers, (SHADOW_HEADER, "1")]
         done = self.on_load(pool) if self.on_load is not None else None
         body: bytes | None = None
@@ -246,6 +249,10 @@ class ShadowRunner:
                 return None, seconds
             return Answer(response.status, response.header("Content-Type") or "", decoded), seconds
         finally:
+            if pool.waiting:
+                pool.release(endpoint)
+            else:
+                endpoint.active -= 1
             if done is not None:
                 done(body)
 

@@ -1,25 +1,37 @@
-"""The upstream side: backend pools (endpoints, balancing, ejection) and the lean HTTP/1.1
-client that talks to them."""
+"""The upstream side: backend pools (endpoints, balancing, connection caps, health), the
+lean HTTP/1.1 client that talks to them, and the active health checker."""
 
 from __future__ import annotations
 
 from gateway.upstream.client import (
     BodySource,
+    ConnectError,
+    ConnectTimeout,
     Origin,
     UpstreamClient,
     UpstreamError,
     UpstreamResponse,
     UpstreamTimeout,
 )
-from gateway.upstream.pool import BackendPool, Endpoint, build_pools
+from gateway.upstream.pool import (
+    BackendPool,
+    Endpoint,
+    NoHealthyEndpoint,
+    UpstreamOverloaded,
+    build_pools,
+)
 
 __all__ = [
     "BackendPool",
     "BodySource",
+    "ConnectError",
+    "ConnectTimeout",
     "Endpoint",
+    "NoHealthyEndpoint",
     "Origin",
     "UpstreamClient",
     "UpstreamError",
+    "UpstreamOverloaded",
     "UpstreamResponse",
     "UpstreamTimeout",
     "build_pools",
