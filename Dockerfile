@@ -12,7 +12,7 @@ COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install . && rm -rf /src
 
-# No config is built in: mount yours at /etc/gateway/gateway.yaml (config/docker.yaml is
+# No config is built in: mount yours at /etc/gateway/gateway.yaml (deploy/docker/ has
 # an example; its backends must be addresses the container can reach, not 127.0.0.1).
 ENV GATEWAY_CONFIG=/etc/gateway/gateway.yaml
 
