@@ -104,7 +104,9 @@ async def test_weight_sets_the_weight(start_gateway: StartGateway) -> None:
     assert result.stdout.strip() == "sentiment: challenger weight 0.35"
     assert gateway.routes["sentiment"].weight == 0.35
     after = await run_cli("status", "--admin", admin_url(gateway))
-    assert table(after)[1] == ["sentiment", "sentiment-v1", "sentiment-v2", "0.35", "request_id"]
+    assert table(after)[1] == [
+        "sentiment", "sentiment-v1", "sentiment-v2", "0.35", "2/2", "request_id"
+    ]  # fmt: skip
 
 
 async def test_weight_with_a_token(start_gateway: StartGateway) -> None:

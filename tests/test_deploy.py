@@ -41,13 +41,10 @@ KUBERNETES = DEPLOY / "kubernetes"
 KUBERNETES_VERSION = "1.30.0"  # the oldest release still maintained upstream in 2025
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
-# Metrics of the binding metric contract that the dashboard and the alerts use while the
-# work adding them to the gateway (upstream health, edge limits) lands: accepted with
-# these labels until gateway.metrics exports them, checked against the export after.
+# A metric of the binding metric contract that the dashboard uses while the work adding it
+# to the gateway (edge limits) lands: accepted with these labels until gateway.metrics
+# exports it, checked against the export after (and then this can go).
 AHEAD: dict[str, set[str]] = {
-    "gateway_endpoint_healthy": {"backend", "endpoint"},
-    "gateway_endpoint_ejections_total": {"backend", "endpoint", "reason"},
-    "gateway_upstream_connections": {"backend"},
     "gateway_requests_rejected_total": {"reason"},
 }
 

@@ -22,6 +22,7 @@ from gateway.app import Gateway
 from gateway.demo import ModelBehaviour, model_server_app
 from tests.cli_support import ROOT
 from tests.conftest import StartApp, StartGateway
+from tests.helpers.ports import free_port
 from tests.helpers.tools import executable, missing
 from tests.helpers.waiting import wait_until
 from tests.support import admin_url, gateway_document, proxy_url
@@ -268,3 +269,40 @@ async def test_the_page_and_its_files_are_served_without_a_token(
         assert r.status == 401
     async with http.get(admin_url(gateway, "/static/../config.py")) as r:
         assert r.status == 404
+
+
+async def test_endpoint_health_shows_an_ejected_endpoint(
+    start_app: StartApp,
+    start_gateway: StartGateway,
+    http: aiohttp.ClientSession,
+    page: Page,
+) -> None:
+    live = await start_app(model_server_app(ModelBehaviour("v1")))
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    document = gateway_document(
+        {
+            "v1": {
+                "endpoints": [live, dead],
+                "outlier_detection": {"consecutive_failures": 1, "base_ejection_seconds": 600},
+            }
+        },
+        [{"name": "model", "match": {"path_prefix": "/v1/models"}, "champion": "v1"}],
+    )
+    gateway = await start_gateway(document)
+
+    async def ejected() -> bool:
+        # Requests until the dead endpoint has failed once and is out of rotation (the
+        # failed connection is retried on the live one: the client sees no error).
+        async with http.post(
+            proxy_url(gateway, "/v1/models/m:predict"), json={"instances": ["x"]}
+        ) as r:
+            assert r.status == 200, await r.text()
+        view = await api(http, gateway, "/api/v1/routes/model")
+        return any(not e["healthy"] for e in view["endpoints"]["v1"])
+
+    await wait_until(ejected, "the dead endpoint to be ejected", within=15)
+    await page.goto(admin_url(gateway, "/"))
+    endpoints = card(page, "model").locator("ul.endpoints li")
+    await expect_text(endpoints.filter(has_text=dead), rf"^○ out of rotation {dead} \(.+\)$")
+    await expect_text(endpoints.filter(has_text=live), rf"^● healthy {live}$")
+    await page.screenshot(path=str(artefacts() / "status-page-endpoints.png"), full_page=True)
