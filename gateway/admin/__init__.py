@@ -10,8 +10,12 @@ from gateway.admin.common import TARGET, AdminTarget, auth_middleware, json_erro
 __all__ = ["AdminTarget", "build_admin_app"]
 
 
-def build_admin_app(target: AdminTarget, token: str) -> web.Application:
-    app = web.Application(middlewares=[json_errors, auth_middleware(token)])
+def build_admin_app(
+    target: AdminTarget, token: str, *, metrics_auth: bool = False
+) -> web.Application:
+    app = web.Application(
+        middlewares=[json_errors, auth_middleware(token, metrics_auth=metrics_auth)]
+    )
     app[TARGET] = target
     app.router.add_get("/healthz", health.healthz)
     app.router.add_get("/readyz", health.readyz)

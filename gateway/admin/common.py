@@ -4,6 +4,7 @@ the bearer-token check."""
 from __future__ import annotations
 
 import hmac
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
@@ -77,12 +78,25 @@ def settle_shadows(request: web.Request) -> None:
         runner.compare_pending()
 
 
-def auth_middleware(token: str) -> Middleware:
+def auth_middleware(token: str, *, metrics_auth: bool = False) -> Middleware:
+    """With a token, every ``/api/`` call (and ``/metrics`` with ``metrics_auth``) needs
+    it as a bearer token. Without one, the listener is on loopback (the config says so)
+    and only a request naming a loopback host is answered: a web page the operator
+    visits could otherwise make their browser call it under a name of its own that
+    resolves to 127.0.0.1 (DNS rebinding)."""
     expected = token.encode()
 
     @web.middleware
     async def check_token(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token and request.path.startswith("/api/"):
+        if not token:
+            host = request.headers.get("Host")
+            if host is not None and not loopback_host(host):
+                return json_error(
+                    403, "forbidden_host",
+                    "without admin.token, the admin API answers only requests to a loopback "
+                    "host (localhost, 127.0.0.1, [::1])",
+                )  # fmt: skip
+        elif request.path.startswith("/api/") or (metrics_auth and request.path == "/metrics"):
             scheme, _, given = request.headers.get("Authorization", "").partition(" ")
             # The scheme is case-insensitive (RFC 9110 11.1); the token is not.
             valid = scheme.lower() == "bearer" and hmac.compare_digest(
@@ -93,6 +107,22 @@ def auth_middleware(token: str) -> Middleware:
         return await handler(request)
 
     return check_token
+
+
+def loopback_host(host: str) -> bool:
+    """Whether a Host header names this machine's loopback (with or without a port)."""
+    name = host.strip()
+    if name.startswith("["):  # [::1]:9090
+        name = name[1 : name.find("]")] if "]" in name else ""
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    name = name.lower().rstrip(".")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 @web.middleware

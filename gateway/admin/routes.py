@@ -127,6 +127,12 @@ async def put_weight(request: web.Request) -> web.Response:
     unknown = sorted(set(body) - {"challenger_weight"})
     if unknown:
         return json_error(400, "bad_request", f"unknown keys: {', '.join(unknown)}")
+    weight = body["challenger_weight"]
+    if isinstance(weight, bool) or not isinstance(weight, int | float):
+        # Said without echoing the value: a nested one is deep enough to make repr() fail.
+        return json_error(
+            400, "bad_weight", f"challenger_weight must be a number, got a {_json_type(weight)}"
+        )
     try:
         route, persisted = await request.app[TARGET].steering.set_weight(
             found.name, body["challenger_weight"], actor="admin"
@@ -135,3 +141,8 @@ async def put_weight(request: web.Request) -> web.Response:
         return json_error(error.status, error.code, str(error))
     view = route_view(route, request.app[TARGET].controller.status(route.name))
     return json_response({**view, "persisted": persisted})
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "JSON object", list: "JSON array", str: "string", bool: "boolean"}
+    return names.get(type(value), "null" if value is None else type(value).__name__)
