@@ -18,6 +18,7 @@ import gc
 import logging
 import os
 import signal
+import sqlite3
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from gateway.admin import build_admin_app
 from gateway.config import GatewayConfig, load
 from gateway.controller import CanaryController
 from gateway.core.usage import usage_of_answer
+from gateway.edge import EdgeLimits, EdgeServer, RejectLog
 from gateway.metrics import Metrics, multiprocess_dir, sync_periodically
 from gateway.pipeline.proxy import Proxy
 from gateway.runtime import RouteRuntime, Runtime
@@ -39,9 +41,22 @@ from gateway.text import counted
 from gateway.tracing import TraceWriter
 from gateway.upstream import BackendPool, UpstreamClient
 from gateway.upstream.health import HealthChecker
-from gateway.writes import BatchedServer, WriteBatch
+from gateway.writes import WriteBatch
 
 log = logging.getLogger("gateway")
+
+# How long the admin listener lets a running call finish when the gateway stops (after
+# the proxy has drained), twice at most: its calls are short.
+ADMIN_SHUTDOWN_SECONDS = 2.0
+# File descriptors kept for everything but client connections (the admin listener,
+# the state store, Redis, logs, some backend connections): max_connections is lowered to
+# leave them when the process may not open enough files.
+_SPARE_FILES = 1024
+
+
+class StartError(Exception):
+    """The gateway cannot start with this config on this machine (the message says why);
+    ``gateway run`` prints it and exits 1, without a traceback."""
 
 
 class Gateway:
@@ -72,6 +87,7 @@ class Gateway:
         self.store: StateStore | None = None
         self.tracer: TraceWriter | None = None
         self._proxy: Proxy | None = None
+        self.edge: EdgeServer | None = None  # the proxy listener's server, once started
         self._services: contextlib.AsyncExitStack | None = None
         self._status = "starting"
         self.proxy_port = 0
@@ -181,11 +197,14 @@ class Gateway:
         """Enter every service in order; should one fail, those already started stop."""
         config = self.config
         state = config.state
-        self.store = await services.enter_async_context(
-            _store_open(
-                open_store(state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:")
+        try:
+            store = open_store(
+                state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:"
             )
-        )
+        except (OSError, ValueError, sqlite3.Error, StoreError) as error:
+            where = state.path if state.backend == "embedded" else "redis"
+            raise StartError(f"cannot open the state store ({where}): {error}") from None
+        self.store = await services.enter_async_context(_store_open(store))
         await services.enter_async_context(self.steering.synced(self.store))
         await services.enter_async_context(self.controller.running(self.store))
         self.tracer = await services.enter_async_context(self._tracing())
@@ -200,12 +219,16 @@ class Gateway:
         self.shadow_runner = ShadowRunner(upstream, on_load=self._shadow_load)
         services.push_async_callback(self.shadow_runner.close)
         server = config.server
+        rejections = RejectLog(self.metrics.reject)
         self._proxy = Proxy(
             self.runtime.router,
             upstream,
             self.metrics.unrouted(),
             request_id_header=server.request_id_header,
             max_body_bytes=server.max_body_bytes,
+            max_buffered_bytes=server.max_buffered_bytes,
+            body_timeout_seconds=server.body_timeout_seconds,
+            reject=rejections,
             shadow_runner=self.shadow_runner,
             tracer=self.tracer,
         )
@@ -213,23 +236,35 @@ class Gateway:
         self.admin_port = await services.enter_async_context(
             self._listening(
                 web.AppRunner(
-                    build_admin_app(self, admin.token), access_log=None, shutdown_timeout=5.0
+                    build_admin_app(self, admin.token, metrics_auth=admin.metrics_auth),
+                    access_log=None,
+                    shutdown_timeout=ADMIN_SHUTDOWN_SECONDS,
                 ),
                 admin.host,
                 admin.port,
             )
         )
+        self.edge = EdgeServer(
+            self._proxy.handle,
+            writes=writes,
+            limits=EdgeLimits(
+                header_timeout=server.header_timeout_seconds,
+                idle_timeout=server.idle_timeout_seconds,
+                max_header_bytes=server.max_header_bytes,
+                max_connections=allow_connections(server.max_connections),
+            ),
+            rejections=rejections,
+            new_request_id=self._proxy.new_request_id,
+            request_id_header=server.request_id_header,
+            access_log=None,
+            handler_cancellation=False,
+        )
         self.proxy_port = await services.enter_async_context(
             self._listening(
                 web.ServerRunner(
-                    BatchedServer(
-                        self._proxy.handle,
-                        writes=writes,
-                        access_log=None,
-                        handler_cancellation=False,
-                    ),
-                    # aiohttp closes the listener and idle keep-alive connections first,
-                    # then waits this long for running handlers.
+                    self.edge,
+                    # The listener and idle connections close first; running requests
+                    # then have this long in all (EdgeServer.shutdown), and are cut.
                     shutdown_timeout=server.drain_timeout_seconds,
                 ),
                 server.host,
@@ -372,6 +407,38 @@ async def _wait_until_orphaned(parent: int, interval: float = 0.5) -> None:
     # for it (prctl), and a worker must not depend on how it was started.
     while os.getppid() == parent:  # noqa: ASYNC110
         await asyncio.sleep(interval)
+
+
+def allow_connections(wanted: int) -> int:
+    """How many client connections the proxy may take: ``wanted``, if the process may
+    open that many files and some to spare; else as many as it can, with a warning (past
+    the file limit accept() fails, and the admin listener could not answer either).
+
+    The soft limit is raised to the hard one first, as Go's runtime and nginx's
+    worker_rlimit_nofile do: connections to backends need descriptors too (as many as
+    there are requests in flight, bounded per endpoint by the backend's max_connections),
+    and the default soft limit (often 1024) is far below what a gateway needs."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover (not on Linux or macOS)
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as error:  # e.g. an infinite hard limit on macOS
+            log.debug("cannot raise the open-files limit to %s: %s", hard, error)
+    if soft == resource.RLIM_INFINITY or soft >= wanted + _SPARE_FILES:
+        return wanted
+    allowed = max(1, soft - _SPARE_FILES)
+    log.warning(
+        "server.max_connections is %d, but this process may open only %d files: serving "
+        "at most %d client connections (%d kept for backends and the admin listener); "
+        "raise the limit (ulimit -n) to serve more",
+        wanted, soft, allowed, _SPARE_FILES,
+    )  # fmt: skip
+    return allowed
 
 
 def tune_gc() -> None:

@@ -58,7 +58,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from gateway.app import Gateway
+    from gateway.app import Gateway, StartError
 
     try:
         config = load(args.config)
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     gateway = Gateway(config, args.config, reuse_port=args.worker is not None)
     try:
         run_async(gateway.serve_until_signalled(supervisor=args.worker))
-    except OSError as error:
+    except (OSError, StartError) as error:
         print(f"gateway: cannot start: {error}", file=sys.stderr)
         return 1
     return 0

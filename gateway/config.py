@@ -17,7 +17,9 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -27,6 +29,7 @@ from pydantic import (
 from pydantic_core import ErrorDetails
 from yarl import URL
 
+from gateway.core.paths import BadPath, normalise_path
 from gateway.core.split import weight_problem
 
 
@@ -41,14 +44,67 @@ class ConfigError(Exception):
 
 
 class _Strict(BaseModel):
-    """Base of every config section: unknown keys are errors, never silently ignored."""
+    """Base of every config section: unknown keys are errors, never silently ignored, and
+    so are infinite or NaN numbers (``.inf`` would overflow a timer, ``.nan`` compares
+    false with everything)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
-Probability = Annotated[float, Field(ge=0.0, le=1.0)]
-Port = Annotated[int, Field(ge=0, le=65535)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+def _not_a_bool(value: object) -> object:
+    # Before pydantic's conversion, which takes YAML's true/yes as 1 (strings stay: a
+    # ${VAR} expands to one).
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {value!r}")
+    return value
+
+
+Number = BeforeValidator(_not_a_bool)
+Int = Annotated[int, Number]
+Float = Annotated[float, Number]
+Probability = Annotated[Float, Field(ge=0.0, le=1.0)]
+Port = Annotated[Int, Field(ge=0, le=65535)]
+# Timers take any finite duration; past a week a timeout is a typo (and far past it,
+# event loops overflow converting it to milliseconds).
+MAX_SECONDS = 7 * 24 * 3600
+PositiveSeconds = Annotated[Float, Field(gt=0, le=MAX_SECONDS)]
+# What a client is given to send something: below this, no client could.
+ClientSeconds = Annotated[Float, Field(ge=0.1, le=MAX_SECONDS)]
+Bytes = Annotated[Int, Field(gt=0, le=2**40)]
+
+# RFC 9110 5.6.2: a header (or cookie) name is a token. A name with anything else (a CR
+# or LF above all) would break every request or answer it is written to.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def _header_name(value: str) -> str:
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(f"must be an HTTP header name (letters, digits, -), got {value!r}")
+    return value
+
+
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+
+
+def _normal_path(value: str) -> str:
+    """A path as requests are matched and forwarded: absolute and normalised."""
+    if not value.startswith("/"):
+        raise ValueError(f"must start with '/', got {value!r}")
+    if "?" in value:
+        raise ValueError(f"must be a path without a query, got {value!r}")
+    try:
+        normal = normalise_path(value)
+    except BadPath as error:
+        raise ValueError(f"must be a plain path ({error}), got {value!r}") from None
+    if normal != value:
+        raise ValueError(
+            f"must be written normalised, as request paths are matched: {normal!r}, "
+            f"got {value!r}"
+        )
+    return value
+
+
+NormalPath = Annotated[str, AfterValidator(_normal_path)]
 
 
 def _is_loopback(host: str) -> bool:
@@ -84,17 +140,42 @@ def _check_http_url(url: str, *, webhook: bool = False) -> str:
 class ServerConfig(_Strict):
     host: str = "0.0.0.0"
     port: Port = 8080
-    max_body_bytes: Annotated[int, Field(gt=0)] = 10 * 1024 * 1024
-    request_id_header: Annotated[str, Field(min_length=1)] = "X-Request-ID"
+    max_body_bytes: Bytes = 10 * 1024 * 1024
+    request_id_header: HeaderName = "X-Request-ID"
+    # A client has this long to send a request's head (from its first byte, or from
+    # connecting for a new connection's first request): past it, 408 and closed.
+    header_timeout_seconds: ClientSeconds = 10.0
+    # A kept-alive connection with no next request this long after an answer is closed.
+    idle_timeout_seconds: ClientSeconds = 60.0
+    # Longest gap between two pieces of a request body: past it, 408 and closed.
+    body_timeout_seconds: ClientSeconds = 60.0
+    # Request line and headers together; past it, 431.
+    max_header_bytes: Annotated[Int, Field(ge=1024, le=1024 * 1024)] = 64 * 1024
+    # Client connections per process; new ones past it are closed at once.
+    max_connections: Annotated[Int, Field(ge=1, le=1_000_000)] = 10_000
+    # Request bodies held in memory at once, over all requests (read to match a route on
+    # the body's model, or to rewrite it for a backend's model_name); past it, 503.
+    max_buffered_bytes: Bytes = 128 * 1024 * 1024
     # How long SIGTERM waits for in-flight requests before closing them.
     drain_timeout_seconds: PositiveSeconds = 30.0
-    workers: Annotated[int, Field(ge=1, le=64)] = 1
+    workers: Annotated[Int, Field(ge=1, le=64)] = 1
+
+    @model_validator(mode="after")
+    def _budget_holds_a_body(self) -> ServerConfig:
+        if self.max_buffered_bytes < self.max_body_bytes:
+            raise ValueError(
+                f"max_buffered_bytes: must be at least max_body_bytes "
+                f"({self.max_body_bytes}), got {self.max_buffered_bytes}"
+            )
+        return self
 
 
 class AdminConfig(_Strict):
     host: str = "127.0.0.1"
     port: Port = 9090
     token: str = ""
+    # /metrics answers without the token unless this is set.
+    metrics_auth: bool = False
 
     @model_validator(mode="after")
     def _token_required_off_loopback(self) -> AdminConfig:
@@ -103,13 +184,57 @@ class AdminConfig(_Strict):
                 f"host: an admin listener on a non-loopback address needs admin.token, "
                 f"got host {self.host!r} and no token"
             )
+        if self.metrics_auth and not self.token:
+            raise ValueError("metrics_auth: needs admin.token to check, got no token")
+        if self.token != self.token.strip() or re.search(r"[\x00-\x1f\x7f]", self.token):
+            raise ValueError("token: may not hold control characters or start or end blank")
         return self
+
+
+def _check_redis_url(url: str | None) -> str | None:
+    """A URL the Redis client takes (it is built at start, so a bad one would only fail
+    there). Whether a server answers is not checked: the gateway starts without one."""
+    if url is None:
+        return None
+    from gateway.store.redis import check_url
+
+    problem = check_url(url)
+    if problem is not None:
+        raise ValueError(f"must be a redis://, rediss:// or unix:// URL ({problem}), got {url!r}")
+    return url
+
+
+RedisURL = Annotated[str | None, AfterValidator(_check_redis_url)]
+
+
+def _state_file_problem(path: str) -> str | None:
+    """Why the embedded store could not open (or create) its SQLite file at ``path``."""
+    if "\x00" in path:
+        return "a path may not contain NUL"
+    if path == ":memory:":
+        return None
+    file = Path(path)
+    if file.exists():
+        if not file.is_file():
+            return "exists and is not a file"
+        if not os.access(file, os.R_OK | os.W_OK):
+            return "is not readable and writable by this user"
+    # The store creates missing directories: the nearest one that exists must let it.
+    # (SQLite also writes its -wal and -shm files next to the database.)
+    directory = file.absolute().parent
+    while not directory.exists() and directory.parent != directory:
+        directory = directory.parent
+    if not directory.is_dir():
+        return f"{str(directory)!r} is not a directory"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"the directory {str(directory)!r} is not writable by this user"
+    return None
 
 
 class StateConfig(_Strict):
     backend: Literal["embedded", "redis"] = "embedded"
     path: str = "./gateway-state.db"
-    redis_url: str | None = None
+    redis_url: RedisURL = None
     key_prefix: str = "gateway"
 
     @model_validator(mode="after")
@@ -121,27 +246,27 @@ class StateConfig(_Strict):
 
 class TracingConfig(_Strict):
     enabled: bool = True
-    interval_seconds: Annotated[int, Field(ge=1, le=3600)] = 10
+    interval_seconds: Annotated[Int, Field(ge=1, le=3600)] = 10
     key_prefix: str = "aibrix"
-    ttl_seconds: Annotated[int, Field(ge=1)] = 600
+    ttl_seconds: Annotated[Int, Field(ge=1, le=365 * 24 * 3600)] = 600
     # Where traces are written. Defaults to state.redis_url; with neither, traces are
     # kept in memory and served by the admin API only.
-    redis_url: str | None = None
+    redis_url: RedisURL = None
 
 
-FiniteSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+FiniteSeconds = Annotated[Float, Field(gt=0, allow_inf_nan=False)]
 
 
 class OutlierDetectionConfig(_Strict):
     """Passive ejection of failing endpoints (gateway.core.health says exactly how)."""
 
     # Failures in a row (no connection, a timeout, a 5xx, a broken answer) that eject.
-    consecutive_failures: Annotated[int, Field(ge=1)] = 5
+    consecutive_failures: Annotated[Int, Field(ge=1)] = 5
     # The first ejection's length; each ejection in a row doubles it (up to 300 s).
     base_ejection_seconds: FiniteSeconds = 30.0
     # Never more than this share of a backend's endpoints out at once (but at least one
     # of several).
-    max_ejection_percent: Annotated[float, Field(ge=0, le=100)] = 50.0
+    max_ejection_percent: Annotated[Float, Field(ge=0, le=100)] = 50.0
 
 
 class HealthCheckConfig(_Strict):
@@ -151,8 +276,8 @@ class HealthCheckConfig(_Strict):
     path: str
     interval_seconds: FiniteSeconds = 5.0
     timeout_seconds: FiniteSeconds = 1.0
-    healthy_threshold: Annotated[int, Field(ge=1)] = 2
-    unhealthy_threshold: Annotated[int, Field(ge=1)] = 3
+    healthy_threshold: Annotated[Int, Field(ge=1)] = 2
+    unhealthy_threshold: Annotated[Int, Field(ge=1)] = 3
 
     @field_validator("path")
     @classmethod
@@ -171,10 +296,14 @@ class BackendConfig(_Strict):
     connect_timeout_seconds: PositiveSeconds = 5.0
     # The model name this backend's load is traced under (defaults to the backend name).
     model: str | None = None
+    # Rewrites of what this backend is sent: path_prefix replaces the part of the path
+    # the route's match.path_prefix matched; model_name replaces the JSON body's "model".
+    path_prefix: NormalPath | None = None
+    model_name: Annotated[str, Field(min_length=1)] | None = None
     # Requests in flight to one endpoint at most (each holds one connection); beyond it
     # a request waits up to queue_timeout_seconds for a free one, then gets 503.
-    max_connections: Annotated[int, Field(ge=1)] = 1024
-    queue_timeout_seconds: Annotated[float, Field(ge=0, allow_inf_nan=False)] = 5.0
+    max_connections: Annotated[Int, Field(ge=1)] = 1024
+    queue_timeout_seconds: Annotated[Float, Field(ge=0, allow_inf_nan=False)] = 5.0
     outlier_detection: OutlierDetectionConfig = OutlierDetectionConfig()
     health_check: HealthCheckConfig | None = None
 
@@ -204,24 +333,20 @@ class BackendConfig(_Strict):
 
 
 class HeaderMatch(_Strict):
-    name: Annotated[str, Field(min_length=1)]
+    name: HeaderName
     value: str
 
 
 class MatchConfig(_Strict):
-    path_prefix: str
+    # Matched at segment boundaries against the normalised request path (see
+    # gateway.core.paths), so it must be written normalised itself.
+    path_prefix: NormalPath
     model: str | None = None
     header: HeaderMatch | None = None
 
-    @field_validator("path_prefix")
-    @classmethod
-    def _absolute(cls, value: str) -> str:
-        if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
-        return value
 
-
-_KEY_SOURCE = re.compile(r"^(request_id|(header|cookie|query):.+)$")
+# A header or cookie NAME is an HTTP token (see _TOKEN).
+_KEY_SOURCE = re.compile(r"^(request_id|(header|cookie):[!#$%&'*+\-.^_`|~0-9A-Za-z]+|query:.+)$")
 
 
 class SplitConfig(_Strict):
@@ -263,11 +388,11 @@ class CompareConfig(_Strict):
     protocol: Literal["auto", "oip", "tfserving", "openai", "json", "bytes"] = "auto"
     # JSON paths left out of the comparison, e.g. "$.id", "$.choices[*].finish_reason".
     ignore: list[str] = []
-    abs_tol: Annotated[float, Field(ge=0)] = 1e-6
-    rel_tol: Annotated[float, Field(ge=0)] = 1e-5
+    abs_tol: Annotated[Float, Field(ge=0)] = 1e-6
+    rel_tol: Annotated[Float, Field(ge=0)] = 1e-5
     vector_match: Literal["tolerance", "argmax", "topk", "cosine"] = "tolerance"
-    min_cosine: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.999
-    top_k: Annotated[int, Field(ge=1)] = 5
+    min_cosine: Annotated[Float, Field(ge=-1.0, le=1.0)] = 0.999
+    top_k: Annotated[Int, Field(ge=1)] = 5
     text_match: Literal["exact", "whitespace"] = "exact"
 
     @field_validator("ignore")
@@ -289,17 +414,17 @@ class BaselineConfig(_Strict):
 
     # Share of mirrored requests also sent a second time to the champion.
     sample_rate: Probability = 0.0
-    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.99
-    min_samples: Annotated[int, Field(ge=1)] = 20
-    min_noise_samples: Annotated[int, Field(ge=0)] = 20
+    confidence: Annotated[Float, Field(gt=0.5, lt=1.0)] = 0.99
+    min_samples: Annotated[Int, Field(ge=1)] = 20
+    min_noise_samples: Annotated[Int, Field(ge=0)] = 20
     min_net_rate: Probability = 0.0
 
 
 class ShadowReportConfig(_Strict):
-    max_fields: Annotated[int, Field(ge=1, le=10_000)] = 256
-    latency_window: Annotated[int, Field(ge=1, le=1_000_000)] = 1024
-    last_mismatches: Annotated[int, Field(ge=0, le=10_000)] = 50
-    max_value_chars: Annotated[int, Field(ge=8)] = 256
+    max_fields: Annotated[Int, Field(ge=1, le=10_000)] = 256
+    latency_window: Annotated[Int, Field(ge=1, le=1_000_000)] = 1024
+    last_mismatches: Annotated[Int, Field(ge=0, le=10_000)] = 50
+    max_value_chars: Annotated[Int, Field(ge=8)] = 256
     # Append every mismatch as one JSON line to this file, for offline analysis.
     mismatch_log: str | None = None
 
@@ -311,11 +436,11 @@ class ShadowConfig(_Strict):
     # random: each request independently; key: by the split key, so the same users
     # (or sessions, or request IDs) are always mirrored.
     sampling: Literal["random", "key"] = "random"
-    max_in_flight: Annotated[int, Field(ge=1, le=100_000)] = 32
+    max_in_flight: Annotated[Int, Field(ge=1, le=100_000)] = 32
     # Defaults to the target backend's timeout_seconds.
     timeout_seconds: PositiveSeconds | None = None
     # Requests and answers larger than this are not mirrored (counted as dropped).
-    max_body_bytes: Annotated[int, Field(gt=0)] = 1024 * 1024
+    max_body_bytes: Annotated[Int, Field(gt=0)] = 1024 * 1024
     # PUT, PATCH and DELETE are mirrored only when the target may see them twice.
     allow_side_effects: bool = False
     compare: CompareConfig = CompareConfig()
@@ -344,23 +469,26 @@ class WebhookConfig(_Strict):
         return _check_http_url(value, webhook=True)
 
 
+MAX_CANARY_STEPS = 100
+
+
 class CanaryConfig(_Strict):
     """How the canary controller ramps a route's challenger (see gateway.core.canary)."""
 
     # Either the challenger weights in order, or the shorthand that expands to them.
-    steps: list[float] | None = None
+    steps: list[Float] | None = None
     initial_weight: Probability | None = None
-    step_size: Annotated[float, Field(gt=0.0, le=1.0)] | None = None
+    step_size: Annotated[Float, Field(gt=0.0, le=1.0)] | None = None
     max_weight: Probability | None = None
     step_interval_seconds: PositiveSeconds = 60.0
     evaluation_interval_seconds: PositiveSeconds = 5.0
-    min_requests: Annotated[int, Field(ge=1)] = 200
+    min_requests: Annotated[Int, Field(ge=1)] = 200
     max_error_rate_increase: Probability = 0.01
     success_threshold: Probability = 0.99
-    confidence: Annotated[float, Field(gt=0.5, lt=1.0)] = 0.95
+    confidence: Annotated[Float, Field(gt=0.5, lt=1.0)] = 0.95
     # At least 1: below, a challenger exactly as fast as the champion would be "slower".
-    max_latency_ratio: Annotated[float, Field(ge=1.0)] | None = None
-    latency_quantile: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.99
+    max_latency_ratio: Annotated[Float, Field(ge=1.0)] | None = None
+    latency_quantile: Annotated[Float, Field(gt=0.0, lt=1.0)] = 0.99
     min_shadow_agreement: Probability | None = None
     # Default: 10 x step_interval_seconds.
     max_step_seconds: PositiveSeconds | None = None
@@ -369,7 +497,7 @@ class CanaryConfig(_Strict):
     webhooks: list[WebhookConfig] = []
     # One replica leads each route's canary: it holds a lease in the state store this
     # long, renewed at a third of it; another replica takes over once it runs out.
-    leader_lease_seconds: Annotated[float, Field(ge=1.0, le=600.0)] = 10.0
+    leader_lease_seconds: Annotated[Float, Field(ge=1.0, le=600.0)] = 10.0
 
     @field_validator("steps")
     @classmethod
@@ -378,6 +506,8 @@ class CanaryConfig(_Strict):
             return None
         if not value:
             raise ValueError("must list at least one weight, got an empty list")
+        if len(value) > MAX_CANARY_STEPS:
+            raise ValueError(f"at most {MAX_CANARY_STEPS} steps, got {len(value)}")
         for weight in value:
             if not 0 < weight <= 1:
                 raise ValueError(f"every step must be a weight in (0, 1], got {weight}")
@@ -396,6 +526,15 @@ class CanaryConfig(_Strict):
             raise ValueError(
                 "steps: give either steps or initial_weight/step_size/max_weight, not both"
             )
+        if self.steps is None:
+            initial = 0.05 if self.initial_weight is None else self.initial_weight
+            size = 0.1 if self.step_size is None else self.step_size
+            maximum = 0.5 if self.max_weight is None else self.max_weight
+            if (maximum - initial) / size > MAX_CANARY_STEPS:
+                raise ValueError(
+                    f"step_size: from {initial} to {maximum} in steps of {size} makes more "
+                    f"than {MAX_CANARY_STEPS} steps"
+                )
         initial, maximum = self.resolved_steps[0], self.resolved_steps[-1]
         if initial >= 1:
             raise ValueError(
@@ -510,6 +649,13 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
                 "so this route could never be chosen"
             )
         seen_matches.setdefault(match_key, i)
+    state = config.state
+    if state.backend == "embedded":
+        # Checked here, when a file is loaded, not by the model: the default path is
+        # relative to wherever the gateway runs.
+        problem = _state_file_problem(state.path)
+        if problem is not None:
+            problems.append(f"state.path: cannot hold the store: {problem}, got {state.path!r}")
     if (
         config.admin.port
         and config.admin.port == config.server.port
@@ -524,7 +670,9 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
 
 # --- ${VAR} expansion -------------------------------------------------------------------
 
-_VAR = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+# "$${" is a literal "${" (as in Docker Compose); otherwise ${NAME} or ${NAME:-default}.
+_VAR = re.compile(r"\$\$\{|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-(.*?))?\}")
+_LITERAL = "$${"
 
 
 class _BadReference(Exception):
@@ -538,20 +686,26 @@ class _UnsetVariable(Exception):
 
 
 def _expand_string(value: str, environ: Mapping[str, str]) -> str:
+    if "$" not in value:
+        return value
+
     def substitute(match: re.Match[str]) -> str:
         name, default = match.group(1), match.group(2)
-        if default is not None and "${" in default:
-            raise _BadReference(value)
+        if name is None:
+            return "${"  # $${
+        if default is not None:
+            if "${" in default.replace(_LITERAL, ""):
+                raise _BadReference(value)
+            default = default.replace(_LITERAL, "${")
         if name in environ and (environ[name] != "" or default is None):
             return environ[name]
         if default is not None:
             return default
         raise _UnsetVariable(name)
 
-    expanded = _VAR.sub(substitute, value)
     if "${" in _VAR.sub("", value):
         raise _BadReference(value)
-    return expanded
+    return _VAR.sub(substitute, value)
 
 
 def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
@@ -568,7 +722,7 @@ def expand_env(node: Any, environ: Mapping[str, str], path: str = "") -> Any:
             raise ConfigError(
                 [
                     f"{path or '<root>'}: cannot expand {bad.value!r}: write ${{VAR}} or "
-                    "${VAR:-default} (defaults cannot nest)"
+                    "${VAR:-default} (defaults cannot nest), or $${ for a literal ${"
                 ]
             ) from None
         except _UnsetVariable as unset:
@@ -625,6 +779,9 @@ def parse(
     """Validate an already-parsed YAML document."""
     if not isinstance(document, dict):
         raise ConfigError(["<root>: must be a mapping with backends and routes"], source)
+    problem = _size_problem(document)
+    if problem is not None:
+        raise ConfigError([f"<root>: {problem}"], source)
     try:
         expanded = expand_env(document, os.environ if environ is None else environ)
     except ConfigError as error:
@@ -639,22 +796,90 @@ def parse(
     return config
 
 
+# --- reading YAML ------------------------------------------------------------------------
+
+# A config with 20,000 routes is a few MB; anything near this is a mistake or an attack.
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+# Values in the document once aliases are followed (each use of an alias counts its
+# whole value again: a "billion laughs" file stops here instead of exhausting memory),
+# and how deeply they nest.
+MAX_DOCUMENT_VALUES = 2_000_000
+MAX_DOCUMENT_DEPTH = 64
+
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """YAML's safe subset, parsed in C where PyYAML has libyaml; a key given twice in one
+    mapping is an error (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # "<<: *defaults": keys given here override the merged ones
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+            except TypeError:
+                break  # unhashable: the constructor says so below
+            if duplicate:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)  # type: ignore[no-any-return]
+
+
+def _size_problem(document: Any) -> str | None:
+    """Whether the document is too large or too deep to validate (without recursion: a
+    self-referencing alias makes a document infinitely deep)."""
+    stack: list[tuple[Any, int]] = [(document, 0)]
+    count = 0
+    while stack:
+        node, depth = stack.pop()
+        count += 1
+        if count > MAX_DOCUMENT_VALUES:
+            return f"more than {MAX_DOCUMENT_VALUES} values once aliases are expanded"
+        if depth > MAX_DOCUMENT_DEPTH:
+            return f"nested more than {MAX_DOCUMENT_DEPTH} levels deep"
+        if isinstance(node, dict):
+            stack.extend((value, depth + 1) for value in node.values())
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1) for value in node)
+    return None
+
+
 def loads(text: str, environ: Mapping[str, str] | None = None, source: str = "") -> GatewayConfig:
     """Parse and validate YAML text."""
+    if len(text) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"<file>: larger than {MAX_CONFIG_BYTES} bytes"], source)
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_Loader)  # a safe loader (see _Loader)
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = getattr(error, "problem", None) or str(error)
         raise ConfigError([f"<yaml>: {where}{problem}"], source) from None
+    except (ValueError, TypeError, OverflowError, RecursionError) as error:
+        # A value YAML's own types cannot hold (a timestamp such as 2024-13-45).
+        raise ConfigError([f"<yaml>: {type(error).__name__}: {error}"], source) from None
     return parse(document, environ, source)
 
 
 def load(path: str | Path, environ: Mapping[str, str] | None = None) -> GatewayConfig:
     """Read, parse and validate a config file."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError([f"<file>: cannot read: {error.strerror}"], str(path)) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError([f"<file>: larger than {MAX_CONFIG_BYTES} bytes"], str(path))
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        problem = f"<file>: not UTF-8 text (byte {error.start}: {data[error.start:][:1]!r})"
+        raise ConfigError([problem], str(path)) from None
     return loads(text, environ, str(path))

@@ -102,6 +102,11 @@ class Metrics:
             "Canary webhook calls by event and outcome (ok, refused, error, timeout).")
         self.trace_writes = counter("gateway_trace_writes_total", ["outcome"],
                                     "Trace window writes to Redis, by outcome.")
+        self.rejected = counter(
+            "gateway_requests_rejected_total", ["reason"],
+            "Requests and connections turned away at the edge, by reason (header_timeout, "
+            "idle_timeout, body_timeout, too_large, headers_too_large, bad_request, "
+            "overloaded, max_connections).")
         backend_endpoint = ["backend", "endpoint"]
         self.endpoint_healthy = gauge(
             "gateway_endpoint_healthy", backend_endpoint,
@@ -172,6 +177,10 @@ class Metrics:
         gone = set(routes)
         for metric in self._by_route:
             _remove_series(metric, "route", gone)
+
+    def reject(self, reason: str) -> None:
+        """A request or connection turned away at the edge (rare: counted as it happens)."""
+        self.rejected.labels(reason).inc()
 
     def endpoint_ejected(self, backend: str, endpoint: str, reason: str) -> None:
         """An endpoint was taken out of rotation (rare: counted as it happens)."""

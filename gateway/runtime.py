@@ -18,6 +18,7 @@ from typing import Protocol
 from gateway.config import GatewayConfig, RouteConfig
 from gateway.core.split import CHALLENGER, CHAMPION, Variant
 from gateway.metrics import Metrics, RouteMetrics
+from gateway.pipeline.rewrite import Rewrite, rewrite_for
 from gateway.pipeline.route import RouteMatcher, Router
 from gateway.pipeline.split import KeySource
 from gateway.shadow import ShadowPolicy
@@ -54,6 +55,8 @@ class Lane:
     # Set by the Record step at the lane's first traced request (the tracer is the
     # proxy's); every lane of one model gets the same trace.
     trace: LoadTrace | None = None
+    # How the backend wants the path and body (its path_prefix, model_name), if it does.
+    rewrite: Rewrite | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -114,13 +117,20 @@ def build_route(
     ):
         return previous
     name = config.name
+    prefix = config.match.path_prefix
     route = RouteRuntime(
         config=config,
         key_source=KeySource.parse(config.split.key),
-        champion_lane=Lane(CHAMPION, champion, metrics.route(name, CHAMPION)),
-        challenger_lane=Lane(CHALLENGER, challenger or champion, metrics.route(name, CHALLENGER)),
+        champion_lane=Lane(
+            CHAMPION, champion, metrics.route(name, CHAMPION),
+            rewrite=rewrite_for(prefix, champion.config),
+        ),
+        challenger_lane=Lane(
+            CHALLENGER, challenger or champion, metrics.route(name, CHALLENGER),
+            rewrite=rewrite_for(prefix, (challenger or champion).config),
+        ),
         has_challenger=challenger is not None,
-    )
+    )  # fmt: skip
     if config.shadow is not None and target is not None:
         kept = previous.shadow if previous is not None else None
         if kept is not None and kept.same_as(config.shadow, target, champion):

@@ -17,6 +17,7 @@ from aiohttp import web
 from gateway import config as config_module
 from gateway.app import Gateway
 from tests.helpers.ports import free_port
+from tests.helpers.raw import RawConnections
 
 # Modules whose tests run on uvloop's event loop as well as asyncio's: the gateway runs
 # on uvloop, and these test what depends on how a loop's transports behave.
@@ -106,3 +107,11 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar()
     ) as session:
         yield session
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[RawConnections]:
+    """Raw client connections (``tests.helpers.raw``), all closed after the test."""
+    connections = RawConnections()
+    yield connections
+    await connections.close_all()

@@ -11,6 +11,7 @@ counts. That covers a plain JSON answer
 
 from __future__ import annotations
 
+import zlib
 from collections import deque
 from collections.abc import Iterable
 
@@ -59,6 +60,77 @@ class UsageSniffer:
         if self._spill is None:
             return usage_of_answer(self._first)
         return self._spill.usage()
+
+
+# An encoded answer is decoded as it streams, this many bytes at a time (only the head
+# and tail are kept, so memory stays at about this), and up to DECODED_ANSWER_BYTES in
+# all: past that its usage is not read (0 tokens), and a "zip bomb" costs no more than
+# decoding that much, once.
+DECODE_STEP_BYTES = 256 * 1024
+DECODED_ANSWER_BYTES = 16 * 1024 * 1024
+
+
+class DecodingUsageSniffer:
+    """A ``UsageSniffer`` for an answer sent with a ``Content-Encoding`` (gzip, deflate):
+    its chunks are decoded as they come, within the bounds above, and the decoded bytes
+    read as an unencoded answer's are. An encoding it cannot decode (br, zstd) gives 0
+    tokens, as an answer without usage does."""
+
+    __slots__ = ("_decoded", "_decoder", "_raw_deflate", "_sniffer", "failed")
+
+    def __init__(self, coding: str) -> None:
+        coding = coding.strip().lower()
+        self._sniffer = UsageSniffer()
+        self._decoded = 0
+        self._raw_deflate = False
+        self.failed = False
+        self._decoder: zlib._Decompress | None = None
+        if coding in ("gzip", "x-gzip"):
+            self._decoder = zlib.decompressobj(16 + zlib.MAX_WBITS)
+        elif coding == "deflate":
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS)
+            self._raw_deflate = True  # may turn out raw (no zlib header): see feed
+        elif coding not in ("", "identity"):
+            self.failed = True
+
+    def feed(self, chunk: bytes) -> None:
+        if self.failed:
+            return
+        decoder = self._decoder
+        if decoder is None:
+            self._sniffer.feed(chunk)
+            return
+        data = chunk
+        while data:
+            try:
+                decoded = decoder.decompress(data, DECODE_STEP_BYTES)
+            except zlib.error:
+                if self._raw_deflate and self._decoded == 0:
+                    # Some servers send raw deflate for "deflate": start over that way.
+                    self._raw_deflate = False
+                    self._decoder = zlib.decompressobj(-zlib.MAX_WBITS)
+                    self.feed(chunk)
+                    return
+                self.failed = True
+                return
+            self._raw_deflate = False
+            self._decoded += len(decoded)
+            if self._decoded > DECODED_ANSWER_BYTES:
+                self.failed = True  # too large to be read for its usage
+                return
+            if decoded:
+                self._sniffer.feed(decoded)
+            data = decoder.unconsumed_tail
+
+    def usage(self) -> TokenCounts:
+        return NO_USAGE if self.failed else self._sniffer.usage()
+
+
+def usage_of_encoded(data: bytes, coding: str) -> TokenCounts:
+    """``usage_of_answer`` of a whole answer sent with ``Content-Encoding: coding``."""
+    sniffer = DecodingUsageSniffer(coding)
+    sniffer.feed(data)
+    return sniffer.usage()
 
 
 class _HeadAndTail:

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.core.usage import NO_USAGE, TokenCounts
+from gateway.pipeline.body import HeldBody
+from gateway.pipeline.target import Target
 from gateway.runtime import Lane, LoadTrace, RouteRuntime
 
 if TYPE_CHECKING:
@@ -24,6 +26,11 @@ class Exchange:
     # The whole request body, when it was read at once (to match on its model, or small
     # enough to send in one write); None while it streams.
     body: bytes | None = None
+    target: Target | None = None  # the request target, its path normalised
+    path: str = ""  # the request target sent upstream (the backend's path_prefix applied)
+    # Body bytes held in memory against the buffer budget (all of the body, or its start
+    # when the rest streams), released when the exchange ends.
+    held: HeldBody | None = None
     mirror: Mirror | None = None  # set when a copy goes to the shadow afterwards
     trace: LoadTrace | None = None  # the backend model's load trace, when traces are on
     tokens: TokenCounts = NO_USAGE  # (prompt, completion) from a streamed answer's usage

@@ -10,25 +10,32 @@ read for the trace's token counts and copied for the shadow, each only when aske
 from __future__ import annotations
 
 import functools
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
 from gateway.core.split import VARIANT_TEXT, Variant
-from gateway.core.usage import UsageSniffer
+from gateway.core.usage import DecodingUsageSniffer, UsageSniffer, usage_of_encoded
+from gateway.edge import close_after_answer
 from gateway.metrics import RouteMetrics
 from gateway.pipeline import record
-from gateway.pipeline.body import limited_stream
+from gateway.pipeline.body import BufferBudget, body_chunks
 from gateway.pipeline.errors import (
+    BAD_REQUEST,
     BAD_UPSTREAM_RESPONSE,
     BODY_TOO_LARGE,
     NO_HEALTHY_ENDPOINT,
+    OVERLOADED,
+    REQUEST_TIMEOUT,
     UPSTREAM_OVERLOADED,
     UPSTREAM_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
+    BodyTimeout,
     BodyTooLarge,
     GatewayError,
+    Overloaded,
     error_response,
 )
 from gateway.pipeline.exchange import Exchange
@@ -101,26 +108,94 @@ def _parse_connection(values: Sequence[str]) -> frozenset[str]:
     return frozenset(names) if names else _NO_NAMES
 
 
+# What becomes of a client's request header upstream, by name (see _header_kind).
+_COPY, _DROP, _FORWARDED_FOR, _HOST, _VARIANT, _CONNECTION = range(6)
+# Header names seen, with their kind and lowercase form: clients send the same few
+# names again and again, so each is classified once (the bound keeps odd names from
+# growing it; when full it starts over).
+_HEADER_KINDS: dict[str, tuple[int, str]] = {}
+_HEADER_KINDS_SIZE = 1024
+
+
+def _header_kind(name: str) -> tuple[int, str]:
+    lower = name.lower()
+    if lower == "connection":
+        kind = _CONNECTION
+    elif lower == "x-forwarded-for":
+        kind = _FORWARDED_FOR
+    elif lower == "host":
+        kind = _HOST
+    elif lower in _NOT_COPIED_UPSTREAM:
+        kind = _DROP
+    elif lower.startswith("x-gateway-"):
+        # The gateway's own headers (X-Gateway-Shadow marks shadow calls) are never a
+        # client's to send upstream; only a route that lets clients force a variant
+        # passes that choice on.
+        kind = _VARIANT if lower == "x-gateway-variant" else _DROP
+    else:
+        kind = _COPY
+    entry = (kind, lower)
+    if len(_HEADER_KINDS) >= _HEADER_KINDS_SIZE:
+        _HEADER_KINDS.clear()
+    _HEADER_KINDS[name] = entry
+    return entry
+
+
 def upstream_request_headers(
-    request: web.BaseRequest, request_id_header: str, request_id: str
+    request: web.BaseRequest,
+    request_id_header: str,
+    request_id: str,
+    *,
+    keep_variant: bool = False,
 ) -> list[tuple[str, str]]:
     """The headers sent upstream: the client's, less hop-by-hop ones and framing (the
-    upstream client writes Host, Content-Length or Transfer-Encoding itself)."""
-    incoming = request.headers
-    extra = connection_listed(incoming.getall("Connection", ()))
+    upstream client writes Host, Content-Length or Transfer-Encoding itself), less the
+    gateway's own ``X-Gateway-*`` (``X-Gateway-Variant`` stays with ``keep_variant``,
+    where the route honours it). ``X-Forwarded-For`` is every one the client sent, in
+    order, then the client's address; ``-Proto`` and ``-Host`` are the gateway's."""
     lowered_id = request_id_header.lower()
+    kinds = _HEADER_KINDS
     headers: list[tuple[str, str]] = []
-    for name, value in incoming.items():
-        lower = name.lower()
-        if lower in _NOT_COPIED_UPSTREAM or lower == lowered_id or (extra and lower in extra):
-            continue
-        headers.append((name, value))
+    forwarded_for: list[str] | None = None
+    host = ""
+    connection: list[str] | None = None
+    for name, value in request.headers.items():
+        entry = kinds.get(name)
+        if entry is None:
+            entry = _header_kind(name)
+        kind = entry[0]
+        if kind == _COPY:
+            if entry[1] != lowered_id:
+                headers.append((name, value))
+        elif kind == _HOST:
+            if not host:
+                host = value
+        elif kind == _FORWARDED_FOR:
+            if forwarded_for is None:
+                forwarded_for = [value]
+            else:
+                forwarded_for.append(value)
+        elif kind == _VARIANT:
+            if keep_variant:
+                headers.append((name, value))
+        elif kind == _CONNECTION:
+            if connection is None:
+                connection = [value]
+            else:
+                connection.append(value)
+    if connection is not None:
+        extra = connection_listed(connection)
+        if extra:  # names the client marked hop-by-hop (rare)
+            headers = [(n, v) for n, v in headers if n.lower() not in extra]
     peer = request.remote or ""
-    prior = incoming.get("X-Forwarded-For")
     headers.append((request_id_header, request_id))
-    headers.append(("X-Forwarded-For", f"{prior}, {peer}" if prior else peer))
+    if forwarded_for is None:
+        headers.append(("X-Forwarded-For", peer))
+    else:
+        forwarded_for.append(peer)
+        headers.append(("X-Forwarded-For", ", ".join(forwarded_for)))
     headers.append(("X-Forwarded-Proto", request.scheme))
-    headers.append(("X-Forwarded-Host", incoming.get("Host", "")))
+    headers.append(("X-Forwarded-Host", host))
     return headers
 
 
@@ -130,15 +205,19 @@ def copy_response_headers(
     request_id_header: str,
     request_id: str,
     variant: Variant,
-) -> None:
-    """Fill the client response's own headers (no intermediate copy)."""
+) -> str | None:
+    """Fill the client response's own headers (no intermediate copy); returns the
+    answer's Content-Encoding, if it has one (the trace reads the answer decoded)."""
     connection: list[str] = []
+    coding = None
     for name, value in upstream.headers:
         lower = name.lower()
         if lower in HOP_BY_HOP:
             if lower == "connection":
                 connection.append(value)
             continue
+        if lower == "content-encoding":
+            coding = value
         headers.add(name, value)
     if connection:
         # Names the backend listed as hop-by-hop, which may have come before their
@@ -147,6 +226,7 @@ def copy_response_headers(
             headers.popall(listed, None)
     headers[request_id_header] = request_id
     headers[VARIANT_HEADER] = VARIANT_TEXT[variant]
+    return coding
 
 
 class _OneWriteResponse(web.StreamResponse):
@@ -164,11 +244,23 @@ class Forwarder:
     that happen on the way (502, 503, 504, 413) as gateway-made JSON errors."""
 
     def __init__(
-        self, client: UpstreamClient, *, request_id_header: str, max_body_bytes: int
+        self,
+        client: UpstreamClient,
+        *,
+        request_id_header: str,
+        max_body_bytes: int,
+        budget: BufferBudget | None = None,
+        body_timeout_seconds: float = 60.0,
+        reject: Callable[[str, str], None] | None = None,
     ) -> None:
         self.client = client
         self.request_id_header = request_id_header
         self.max_body_bytes = max_body_bytes
+        # Bodies held in memory at once, over all requests (server.max_buffered_bytes).
+        self.budget = budget if budget is not None else BufferBudget(16 * max_body_bytes)
+        self.body_timeout_seconds = body_timeout_seconds
+        # Requests refused for what the client did (gateway_requests_rejected_total).
+        self.reject = reject if reject is not None else _ignore_rejection
 
     def fail(
         self,
@@ -178,45 +270,97 @@ class Forwarder:
         request_id: str,
         started: float,
     ) -> web.Response:
-        """A gateway-made error answer, counted like any other."""
+        """A gateway-made error answer, counted like any other (and naming the variant,
+        once the request has one)."""
         record.count(metrics, error.status, started)
-        return error_response(error, message, request_id, self.request_id_header)
+        return error_response(
+            error, message, request_id, self.request_id_header, metrics.variant
+        )
 
     def too_large(self, metrics: RouteMetrics, request_id: str, started: float) -> web.Response:
+        self.reject("too_large", f"request {request_id}: body past {self.max_body_bytes} bytes")
         return self.fail(
             metrics, BODY_TOO_LARGE, f"request body exceeds {self.max_body_bytes} bytes",
             request_id, started,
         )  # fmt: skip
 
+    def refuse(
+        self,
+        metrics: RouteMetrics,
+        error: Exception,
+        request_id: str,
+        started: float,
+        request: web.BaseRequest | None = None,
+    ) -> web.StreamResponse:
+        """The answer to a request whose body could not be taken: too large (413), not
+        arriving (408, and the connection closes: what is left of the body is not
+        read), past the buffer budget (503 overloaded) or malformed (400)."""
+        if isinstance(error, BodyTooLarge):
+            return self.too_large(metrics, request_id, started)
+        if isinstance(error, BodyTimeout):
+            seconds = self.body_timeout_seconds
+            self.reject("body_timeout", f"request {request_id}: no body data for {seconds:g}s")
+            response = self.fail(
+                metrics, REQUEST_TIMEOUT, f"the request body stalled for {seconds:g}s",
+                request_id, started,
+            )  # fmt: skip
+            response.force_close()
+            if request is not None:
+                close_after_answer(request)
+            return response
+        if isinstance(error, Overloaded):
+            self.reject("overloaded", f"request {request_id}: body buffer budget in use")
+            return self.fail(
+                metrics, OVERLOADED,
+                "the gateway holds as many request bodies as it may: retry shortly",
+                request_id, started,
+            )  # fmt: skip
+        self.reject("bad_request", f"request {request_id}: malformed body: {error}")
+        response = self.fail(
+            metrics, BAD_REQUEST, "malformed request body", request_id, started
+        )
+        response.force_close()
+        return response
+
     def _request_body(self, exchange: Exchange) -> tuple[BodySource, int | None]:
         """What to send upstream as the body (and its length when known), copying it for
-        the shadow when the request is mirrored. Raises BodyTooLarge."""
+        the shadow when the request is mirrored. Raises BodyTooLarge. A body read whole
+        goes with its model replaced where the backend names its model differently (the
+        shadow is sent the client's own, and replaces it for its own backend)."""
         request = exchange.request
         mirror = exchange.mirror
         if exchange.body is not None:
             if mirror is not None:
                 mirror.request_body = exchange.body
-            return exchange.body, len(exchange.body)
+            rewrite = exchange.lane.rewrite
+            body = exchange.body if rewrite is None else rewrite.body(exchange.body)
+            return body, len(body)
         if not request.body_exists:
             return None, None
         length = request.content_length
         if length is not None and length > self.max_body_bytes:
             raise BodyTooLarge
         content = request.content
-        if length is not None and length <= _INLINE_BODY_BYTES and content.is_eof():
+        held = exchange.held
+        if held is not None:
+            # Its start was read to find the model; the rest streams after it. A declared
+            # length is enforced by the HTTP parser; a chunked body is counted.
+            rest = body_chunks(
+                content,
+                self.body_timeout_seconds,
+                None if length is not None else self.max_body_bytes - len(held.data),
+            )
+            source: AsyncIterator[bytes] = _after(held.data, rest)
+        elif length is not None and length <= _INLINE_BODY_BYTES and content.is_eof():
             # Small and fully received (the usual JSON inference call): sent with the
             # request head in one write.
             body = content.read_nowait(-1)
             if mirror is not None:
                 mirror.request_body = body
             return body, length
-        # A declared length is enforced by the HTTP parser; only a chunked body needs
-        # counting on the way through.
-        source: AsyncIterator[bytes] = (
-            content.iter_any()
-            if length is not None
-            else limited_stream(content, self.max_body_bytes)
-        )
+        else:
+            limit = None if length is not None else self.max_body_bytes
+            source = body_chunks(content, self.body_timeout_seconds, limit)
         if mirror is not None:
             teed = mirror.tee(source, length)
             if teed is None:
@@ -254,7 +398,9 @@ class Forwarder:
                     request_id, started,
                 )  # fmt: skip
 
-        headers = upstream_request_headers(request, self.request_id_header, request_id)
+        headers = upstream_request_headers(
+            request, self.request_id_header, request_id, keep_variant=exchange.route.allow_override
+        )
         client = self.client
         try:
             try:
@@ -262,7 +408,7 @@ class Forwarder:
                     upstream = await client.request(
                         endpoint.origin,
                         request.method,
-                        endpoint.target(request.raw_path),
+                        endpoint.target(exchange.path),
                         headers,
                         data,
                         content_length=length,
@@ -274,9 +420,9 @@ class Forwarder:
                     other = pool.other_than(endpoint)
                     if other is None or not pool.may_retry():
                         raise
-                    reason = "timeout" if isinstance(error, TimeoutError) else "connect"
-                    metrics.upstream_error(reason)
-                    pool.failed(endpoint)
+                    hung = isinstance(error, TimeoutError)
+                    metrics.upstream_error("timeout" if hung else "connect")
+                    pool.failed(endpoint, timed_out=hung)
                     _release(pool, endpoint)
                     endpoint = other
                     endpoint.active += 1
@@ -285,7 +431,7 @@ class Forwarder:
                         upstream = await client.request(
                             endpoint.origin,
                             request.method,
-                            endpoint.target(request.raw_path),
+                            endpoint.target(exchange.path),
                             headers,
                             data,
                             content_length=length,
@@ -294,12 +440,13 @@ class Forwarder:
                         )
                     finally:
                         pool.retries -= 1
-            except BodyTooLarge:
-                return self.too_large(metrics, request_id, started)
+            except (BodyTooLarge, BodyTimeout, RequestPayloadError) as error:
+                # The client's body: too large, stalled or malformed on its way through.
+                return self.refuse(metrics, error, request_id, started, request)
             except TimeoutError:
                 if request.transport is None:
                     return _client_left(metrics, started)
-                pool.failed(endpoint)
+                pool.failed(endpoint, timed_out=True)
                 metrics.upstream_error("timeout")
                 return self.fail(
                     metrics, UPSTREAM_TIMEOUT,
@@ -333,7 +480,10 @@ class Forwarder:
             else:
                 endpoint.active -= 1
         if complete and exchange.mirror is not None:
-            exchange.mirror.submit(request, request_id, headers, upstream, started)
+            exchange.mirror.submit(
+                request, request_id, headers, upstream, started, exchange.target,
+                exchange.route.config.match.path_prefix,
+            )  # fmt: skip
         return response
 
     async def _relay(
@@ -353,7 +503,7 @@ class Forwarder:
             response = (web.StreamResponse if body is None else _OneWriteResponse)(
                 status=upstream.status, reason=upstream.reason
             )
-            copy_response_headers(
+            coding = copy_response_headers(
                 upstream,
                 response.headers,
                 self.request_id_header,
@@ -369,7 +519,10 @@ class Forwarder:
                 # The usual small answer, already here with its head: it goes out in one
                 # write and is read in one piece.
                 if traced:  # counted even if the client leaves early: the work was done
-                    exchange.answer = body
+                    if coding is None:
+                        exchange.answer = body
+                    else:
+                        exchange.tokens = usage_of_encoded(body, coding)
                 await response.write_eof(body)
                 if copy is not None:
                     copy.feed(body)
@@ -383,7 +536,9 @@ class Forwarder:
                         await response.write(chunk)
                     await response.write_eof()
                 else:
-                    usage = UsageSniffer() if traced else None
+                    usage: UsageSniffer | DecodingUsageSniffer | None = None
+                    if traced:
+                        usage = UsageSniffer() if coding is None else DecodingUsageSniffer(coding)
                     try:
                         async for chunk in upstream.chunks():
                             await response.write(chunk)
@@ -399,7 +554,7 @@ class Forwarder:
         except TimeoutError:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
-            pool.failed(endpoint)
+            pool.failed(endpoint, timed_out=True)
             metrics.upstream_error("timeout")
             _cut_off(metrics, upstream.status)
             _abort(request)
@@ -440,6 +595,16 @@ def _client_left(metrics: RouteMetrics, started: float) -> web.Response:
     but it is counted, as 499 (nginx's "client closed request"), not as a failure."""
     record.count(metrics, 499, started)
     return web.Response(status=499)
+
+
+async def _after(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    yield first
+    async for chunk in rest:
+        yield chunk
+
+
+def _ignore_rejection(reason: str, detail: str) -> None:
+    return None
 
 
 def _cut_off(metrics: RouteMetrics, status: int) -> None:

@@ -16,13 +16,13 @@ from aiohttp import web
 
 from gateway.core.compare import Answer
 from gateway.core.stats import ShadowOutcome
+from gateway.pipeline.target import Target, parse_target
 from gateway.runtime import RouteRuntime
 from gateway.shadow import (
     BoundedCopy,
     MirroredRequest,
     ShadowPolicy,
     ShadowRunner,
-    decode_body,
     tee_stream,
 )
 from gateway.upstream import UpstreamResponse
@@ -80,8 +80,11 @@ class Mirror:
         headers: list[tuple[str, str]],
         upstream: UpstreamResponse,
         started: float,
+        target: Target | None = None,
+        route_prefix: str = "/",
     ) -> None:
-        """The client got the whole answer: send the copies to the shadow runner."""
+        """The client got the whole answer: send the copies to the shadow runner (which
+        undoes the answer's content coding, off the response path)."""
         policy = self.policy
         body = self.request_body
         if body is None and self.request_copy is not None:
@@ -90,15 +93,16 @@ class Mirror:
                 policy.fail(ShadowOutcome.DROPPED)
                 return
         answer = self.answer_copy.value() if self.answer_copy is not None else None
-        decoded = (
-            decode_body(answer, upstream.header("Content-Encoding")) if answer is not None else None
-        )
-        if decoded is None:
+        if answer is None:
             policy.fail(ShadowOutcome.DROPPED)
             return
+        if target is None:
+            target = parse_target(request.raw_path)
+        coding = upstream.header("Content-Encoding")
         self.runner.submit(
             policy,
-            MirroredRequest(request_id, request.method, request.raw_path, headers, body),
-            Answer(upstream.status, upstream.header("Content-Type") or "", decoded),
+            MirroredRequest(request_id, request.method, target, route_prefix, headers, body),
+            Answer(upstream.status, upstream.header("Content-Type") or "", answer),
             time.perf_counter() - started,
+            None if coding is None or coding.strip().lower() in ("", "identity") else coding,
         )

@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
-import orjson
+from gateway.core.jsonbody import body_model as body_model
 
 T = TypeVar("T")
 
@@ -89,8 +89,10 @@ class Router(Generic[T]):
     """Longest ``path_prefix`` wins; among equal prefixes, routes with more conditions
     (model, header) are tried first, then config order.
 
-    Prefixes are plain string prefixes, as in Envoy: ``/v1/models/sentiment`` matches
-    TF Serving's ``/v1/models/sentiment:predict``.
+    A prefix matches at a segment boundary (``gateway.core.paths.prefix_matches``):
+    ``/v2/models/iris`` matches ``/v2/models/iris/infer`` but not ``/v2/models/iris-v1``,
+    and ``/v1/models/sentiment`` matches TF Serving's ``/v1/models/sentiment:predict``.
+    Paths are matched as given: the proxy hands it normalised ones.
     """
 
     def __init__(self, matchers: Sequence[RouteMatcher[T]]) -> None:
@@ -128,8 +130,11 @@ class Router(Generic[T]):
         path_length = len(path)
         for length in self._lengths:
             if length <= path_length:
-                group = self._by_prefix.get(path[:length])
-                if group is not None:
+                prefix = path[:length]
+                group = self._by_prefix.get(prefix)
+                if group is not None and (
+                    length == path_length or prefix[-1] == "/" or path[length] in "/:"
+                ):
                     groups.append(group)
         only = None
         if groups:
@@ -142,15 +147,3 @@ class Router(Generic[T]):
 def _specificity(matcher: RouteMatcher[Any]) -> int:
     return (matcher.model is not None) + (matcher.header_name is not None)
 
-
-def body_model(body: bytes) -> str | None:
-    """The ``model`` field of a JSON object body, or None."""
-    try:
-        document = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return None
-    if isinstance(document, dict):
-        model = document.get("model")
-        if isinstance(model, str):
-            return model
-    return None

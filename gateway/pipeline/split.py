@@ -14,11 +14,10 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from gateway.core.split import CHAMPION, Variant, bucket_of, choose, parse_override
+from gateway.pipeline.errors import VARIANT_HEADER as VARIANT_HEADER
 
 if TYPE_CHECKING:
     from gateway.runtime import RouteRuntime
-
-VARIANT_HEADER = "X-Gateway-Variant"
 
 
 class KeyKind(enum.Enum):

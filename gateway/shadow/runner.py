@@ -20,7 +20,9 @@ import orjson
 from gateway.core.compare import Answer, Comparison
 from gateway.core.compare import compare as compare_answers
 from gateway.core.stats import ShadowOutcome, render_value
-from gateway.shadow.bodies import BoundedCopy, decode_body
+from gateway.pipeline.rewrite import rewrite_for
+from gateway.pipeline.target import Target
+from gateway.shadow.bodies import BoundedCopy, decode_body_off_loop
 from gateway.shadow.policy import ShadowPolicy
 from gateway.upstream import BackendPool, UpstreamClient, UpstreamError
 
@@ -45,9 +47,10 @@ SHADOW_HEADER = "X-Gateway-Shadow"
 class MirroredRequest:
     request_id: str
     method: str
-    raw_path: str
+    target: Target  # the client's, its path normalised
+    route_prefix: str  # what the route matched of it (a backend's path_prefix replaces it)
     headers: list[tuple[str, str]]  # as sent to the champion, without framing
-    body: bytes | None
+    body: bytes | None  # the client's (a backend's model_name is applied per call)
 
 
 def _inline(champion: Answer, shadow: Answer) -> bool:
@@ -116,13 +119,18 @@ class ShadowRunner:
         request: MirroredRequest,
         champion: Answer,
         champion_seconds: float,
+        champion_coding: str | None = None,
     ) -> None:
-        """Start a shadow call for an answered request, or drop it if the route is full."""
+        """Start a shadow call for an answered request, or drop it if the route is full.
+        ``champion`` is the answer as the client got it, in ``champion_coding`` (its
+        Content-Encoding): it is decoded here, off the response path."""
         if policy.in_flight >= policy.config.max_in_flight:
             policy.fail(ShadowOutcome.DROPPED)
             return
         policy.in_flight += 1
-        task = asyncio.create_task(self._run(policy, request, champion, champion_seconds))
+        task = asyncio.create_task(
+            self._run(policy, request, champion, champion_seconds, champion_coding)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -139,8 +147,17 @@ class ShadowRunner:
         request: MirroredRequest,
         champion: Answer,
         champion_seconds: float,
+        champion_coding: str | None = None,
     ) -> None:
         try:
+            if champion_coding is not None:
+                decoded = await decode_body_off_loop(
+                    champion.body, champion_coding, policy.config.max_body_bytes
+                )
+                if decoded is None:  # too large decoded, or a coding not read here
+                    policy.fail(ShadowOutcome.DROPPED)
+                    return
+                champion = Answer(champion.status, champion.content_type, decoded)
             try:
                 shadow, shadow_seconds = await self._call(policy, policy.target, request)
             except TimeoutError:
@@ -213,6 +230,11 @@ class ShadowRunner:
             raise UpstreamError("connect", f"backend {pool.name} has no endpoint free")
         endpoint.active += 1  # it holds a connection, under the endpoint's cap
         headers = [*request.headers, (SHADOW_HEADER, "1")]
+        rewrite = rewrite_for(request.route_prefix, pool.config)
+        target = request.target.upstream if rewrite is None else rewrite.target(request.target)
+        sent = request.body
+        if rewrite is not None and sent is not None:
+            sent = rewrite.body(sent)
         done = self.on_load(pool) if self.on_load is not None else None
         body: bytes | None = None
         started = time.perf_counter()
@@ -222,9 +244,9 @@ class ShadowRunner:
                 response = await self.client.request(
                     endpoint.origin,
                     request.method,
-                    endpoint.target(request.raw_path),
+                    endpoint.target(target),
                     headers,
-                    request.body,
+                    sent,
                     connect_timeout=pool.connect_timeout_seconds,
                     read_timeout=policy.timeout_seconds,
                 )
@@ -244,7 +266,9 @@ class ShadowRunner:
             if raw is None:
                 return None, seconds
             body = raw
-            decoded = decode_body(raw, response.header("Content-Encoding"))
+            decoded = await decode_body_off_loop(
+                raw, response.header("Content-Encoding"), policy.config.max_body_bytes
+            )
             if decoded is None:
                 return None, seconds
             return Answer(response.status, response.header("Content-Type") or "", decoded), seconds

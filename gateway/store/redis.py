@@ -94,6 +94,36 @@ def normalize_prefix(prefix: str) -> str:
     return prefix if prefix.endswith(":") else prefix + ":"
 
 
+def check_url(url: str) -> str | None:
+    """What is wrong with ``url`` as ``default_client`` would take it, or None. Only the
+    URL: whether a server answers there is the store's health, not a config error."""
+    from urllib.parse import urlsplit
+
+    from redis.asyncio.connection import parse_url
+
+    try:
+        options = parse_url(url)
+        parts = urlsplit(url)
+    except ValueError as error:
+        return str(error)
+    if parts.scheme != "unix":
+        path = parts.path.strip("/")
+        if path and not path.isdigit():
+            return f"the path must be a database number, got {parts.path!r}"
+    values: dict[str, object] = dict(options)
+    db = values.get("db", 0)
+    if not isinstance(db, int) or not 0 <= db < 2**31:
+        return f"the database must be a number from 0, got {db!r}"
+    protocol = values.get("protocol", 2)
+    if protocol not in (2, 3, "2", "3"):
+        return f"protocol must be 2 or 3, got {protocol!r}"
+    try:
+        default_client(url)  # what start does with it; no connection is made yet
+    except (ValueError, TypeError) as error:
+        return str(error)
+    return None
+
+
 def default_client(url: str) -> aioredis.Redis:
     """A client that fails fast: state reads sit behind admin calls and watchers that
     retry on their own, so redis-py's default of 10 backed-off retries would only turn an
