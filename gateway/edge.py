@@ -235,14 +235,21 @@ class _Refused(asyncio.Protocol):
         cast(asyncio.Transport, transport).abort()
 
 
+# The base class's, called without super()'s lookup on every read.
+_data_received = BatchedRequestHandler.data_received
+
+
 class _EdgeRequestHandler(BatchedRequestHandler):
     """One client connection: aiohttp's handler, with the head's deadline and size."""
 
-    __slots__ = ("_body", "_carry", "_edge", "_head_deadline", "_head_timer", "_pending")
+    __slots__ = (
+        "_body", "_carry", "_edge", "_head_deadline", "_head_timer", "_max_head", "_pending"
+    )  # fmt: skip
 
     def __init__(self, manager: EdgeServer, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
         self._edge = manager
+        self._max_head = manager.limits.max_header_bytes
         # Bytes received of a head not complete yet (a lower bound: see data_received).
         self._pending = 0
         # Bytes that may belong to the next head: the chunk that completed the last one
@@ -267,33 +274,46 @@ class _EdgeRequestHandler(BatchedRequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        # Runs for every read: the usual request (its whole head in one read, on a
+        # kept-alive connection) costs a few attribute reads and writes here.
         if self._force_close or self._close:
             return
         body = self._body
-        in_body = body is not None and not body.is_eof()
-        pending = self._pending + len(data)
         before = self._request_count
-        super().data_received(data)
-        if self._request_count == before:  # no head ended in this chunk
-            if in_body:
-                return
-            if pending > self._edge.limits.max_header_bytes:
+        if body is not None and not body.is_eof():  # the last request's body
+            _data_received(self, data)
+            if self._request_count != before:  # and a next (pipelined) head after it
+                self._heads_ended(before, len(data), len(data))
+            return
+        pending = self._pending + len(data)
+        _data_received(self, data)
+        if self._request_count == before:  # no head ended in this read
+            if pending > self._max_head:
                 self._refuse_head(pending)
                 return
             self._pending = pending
             if self._head_deadline == 0.0:
                 self._start_head_clock()
             return
-        # One or more heads ended here. Each is at most this many bytes, so the usual
-        # request (its whole head in one chunk, under the limit) needs no counting.
-        bound = len(data) if in_body else self._carry + pending
-        if bound > self._edge.limits.max_header_bytes:
+        self._heads_ended(before, self._carry + pending, len(data))
+
+    def _heads_ended(self, before: int, bound: int, size: int) -> None:
+        """One or more heads ended in a read of ``size`` bytes; each is at most ``bound``
+        bytes, so the usual request (its whole head in one read, under the limit) needs
+        no counting."""
+        if bound > self._max_head:
             self._check_head_sizes(self._request_count - before)
-        last = self._messages[-1][1] if self._messages else EMPTY_PAYLOAD
-        self._body = last if not last.is_eof() else None
-        self._carry = 0 if self._body is not None else len(data)
+        messages = self._messages
+        last = messages[-1][1] if messages else EMPTY_PAYLOAD
+        if last.is_eof():
+            self._body = None
+            self._carry = size  # the read may end with the start of a next head
+        else:
+            self._body = last
+            self._carry = 0
         self._pending = 0
-        self._head_deadline = 0.0
+        if self._head_deadline:
+            self._head_deadline = 0.0
 
     def _start_head_clock(self) -> None:
         loop = self._loop

@@ -40,7 +40,7 @@ from gateway.pipeline.record import LoadTracer
 from gateway.pipeline.route import Router
 from gateway.pipeline.split import choose_variant
 from gateway.pipeline.target import Target, Targets
-from gateway.runtime import Lane, RouteRuntime
+from gateway.runtime import RouteRuntime
 from gateway.shadow import ShadowRunner
 from gateway.upstream import UpstreamClient
 
@@ -87,6 +87,7 @@ class Proxy:
             reject=reject,
         )
         self.targets = Targets()
+        self._targets = self.targets.known  # read directly per request: one dict lookup
         self.unrouted = unrouted_metrics
         self.request_id_header = request_id_header
         self.max_body_bytes = max_body_bytes
@@ -104,7 +105,10 @@ class Proxy:
             return forwarder.fail(
                 self.unrouted, DRAINING, "the gateway is shutting down", request_id, started
             )
-        target = self.targets.get(request.raw_path)
+        raw = request.raw_path
+        target = self._targets.get(raw)
+        if target is None:
+            target = self.targets.get(raw)
         if target.problem is not None or request.method == "CONNECT":
             return self._off_target(request, target, request_id, started)
         if request.body_exists and request.headers.get("Expect", "").lower() == "100-continue":
@@ -142,7 +146,17 @@ class Proxy:
                     held = await self._whole_body(request, held)
                 except _BODY_ERRORS as error:
                     return forwarder.refuse(lane.metrics, error, request_id, started, request)
-            exchange = _exchange(request, request_id, route, lane, started, target, held)
+            if held is None:  # the usual request
+                exchange = Exchange(request, request_id, route, lane, started)
+            else:
+                exchange = Exchange(
+                    request, request_id, route, lane, started,
+                    held.data if held.complete else None,
+                )  # fmt: skip
+                exchange.held = held
+            exchange.target = target
+            rewrite = lane.rewrite
+            exchange.path = target.upstream if rewrite is None else rewrite.target(target)
             # 6. Shadow: decided now, run once the client has its answer.
             runner = self.shadow_runner
             if route.shadow is not None and variant is CHAMPION and runner is not None:
@@ -187,26 +201,6 @@ class Proxy:
         response = self.forwarder.fail(self.unrouted, BAD_REQUEST, problem, request_id, started)
         response.force_close()  # whatever follows on this connection is not HTTP we know
         return response
-
-
-def _exchange(
-    request: web.BaseRequest,
-    request_id: str,
-    route: RouteRuntime,
-    lane: Lane,
-    started: float,
-    target: Target,
-    held: HeldBody | None,
-) -> Exchange:
-    exchange = Exchange(
-        request, request_id, route, lane, started,
-        held.data if held is not None and held.complete else None,
-    )  # fmt: skip
-    exchange.target = target
-    rewrite = lane.rewrite
-    exchange.path = target.upstream if rewrite is None else rewrite.target(target)
-    exchange.held = held
-    return exchange
 
 
 async def _send_continue(request: web.BaseRequest) -> None:

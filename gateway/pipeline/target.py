@@ -33,16 +33,16 @@ class Target:
 class Targets:
     """Parses request targets, remembering each distinct one."""
 
-    __slots__ = ("_known",)
+    __slots__ = ("known",)
 
     def __init__(self) -> None:
-        self._known: dict[str, Target] = {}
+        self.known: dict[str, Target] = {}  # by raw target, at most TARGET_CACHE_SIZE
 
     def get(self, raw: str) -> Target:
-        found = self._known.get(raw)
+        found = self.known.get(raw)
         if found is None:
             found = parse_target(raw)
-            known = self._known
+            known = self.known
             if len(known) >= TARGET_CACHE_SIZE:
                 known.clear()
             known[raw] = found
