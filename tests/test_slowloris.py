@@ -65,7 +65,8 @@ def describe_files(pid: int) -> str:
                 if fields[9] in inodes:
                     local = int(fields[1].split(":")[1], 16)
                     remote = int(fields[2].split(":")[1], 16)
-                    key = f"state {fields[3]} local {local} remote {remote if local < 30000 else '*'}"
+                    shown = remote if local < 30000 else "*"  # a client's port says nothing
+                    key = f"state {fields[3]} local {local} remote {shown}"
                     states[key] = states.get(key, 0) + 1
     return f"{len(os.listdir(f'/proc/{pid}/fd'))} files: {states}"
 
@@ -267,9 +268,9 @@ async def test_slow_and_idle_connections_do_not_take_the_gateway_down(
             f"{pooled_after} after"
         )
         assert len(slow_closes) == SLOW and len(idle_closes) == IDLE
-        assert HEADER_TIMEOUT - 0.5 <= min(slow_closes)
+        assert min(slow_closes) >= HEADER_TIMEOUT - 0.5
         assert max(slow_closes) <= HEADER_TIMEOUT + SLACK + opened
-        assert IDLE_TIMEOUT - 0.5 <= min(idle_closes) and max(idle_closes) <= IDLE_TIMEOUT + SLACK
+        assert min(idle_closes) >= IDLE_TIMEOUT - 0.5 and max(idle_closes) <= IDLE_TIMEOUT + SLACK
         assert peak >= baseline + SLOW + IDLE  # they really were all open at once
         assert len(latencies) > 100 and percentile(latencies, 0.99) < 1.0
         assert len(health) > 20 and max(health) < 1.0
