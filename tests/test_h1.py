@@ -16,6 +16,7 @@ import pytest
 from gateway.upstream.client import (
     ConnectError,
     Origin,
+    StaleConnection,
     UpstreamClient,
     UpstreamError,
     UpstreamTimeout,
@@ -547,3 +548,26 @@ async def test_a_failing_body_source_is_not_taken_for_the_backend(
     origin = await raw_server(reads_forever)
     with pytest.raises(ConnectionResetError, match="client went away"):
         await client.request(origin, "POST", "/x", [], body(), connect_timeout=2, read_timeout=5)
+
+
+async def test_a_kept_alive_connection_dropped_unanswered_is_stale_when_the_caller_can_go_elsewhere(
+    raw_server: RawServer, client: UpstreamClient
+) -> None:
+    async def once_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK_ANSWER)
+        await writer.drain()
+        await read_request(reader)  # the next request on it: closed unanswered
+
+    handler = Counted(once_then_drop)
+    origin = await raw_server(handler)
+    assert await body_of(client, origin) == (200, b"ok")
+    with pytest.raises(StaleConnection):
+        await client.request(
+            origin, "GET", "/x", [], None, connect_timeout=2, read_timeout=2, elsewhere=True
+        )
+    assert handler.connections == 1  # not retried here: the caller sends it elsewhere
+    assert await body_of(client, origin) == (200, b"ok")  # a new connection
+    # Without ``elsewhere`` a dropped kept-alive connection is retried on a new one.
+    assert await body_of(client, origin) == (200, b"ok")
+    assert handler.connections == 3

@@ -6,9 +6,12 @@ that leave, and what the admin API and /metrics show of it all."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import hashlib
 import os
 import socket
+import types
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -209,6 +212,28 @@ async def test_an_ejected_endpoint_returns_after_its_time_and_doubles_if_still_b
     assert pool.endpoints[1].last_ejection_seconds == pytest.approx(0.6)
     metrics = await scrape(http, gateway)
     assert metrics.total("gateway_endpoint_ejections_total", endpoint=dead) == 2
+
+
+async def test_kept_alive_connections_a_backend_drops_are_no_failures(
+    raw_upstream: RawServer, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    async def one_per_connection(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        # Says keep-alive, answers one request, and drops the next one unanswered: as a
+        # backend does whose idle timeout fell just as the request came.
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        await read_head(reader)
+
+    first, second = await raw_upstream(one_per_connection), await raw_upstream(one_per_connection)
+    gateway = await start_gateway(one_route({"endpoints": [first, second]}))
+    assert [(await get(http, gateway))[0] for _ in range(20)] == [200] * 20
+    metrics = await scrape(http, gateway)
+    assert metrics.total("gateway_upstream_errors_total") == 0
+    assert metrics.total("gateway_endpoint_ejections_total") == 0
+    assert metrics.total("gateway_endpoint_healthy") == 2
 
 
 # --- active health checks -------------------------------------------------------------------
@@ -418,6 +443,53 @@ async def test_a_client_leaving_mid_upload_is_not_the_backends_failure(
     assert endpoint.consecutive_failures == 0
     assert endpoint.active == 0
     assert (await get(http, gateway))[0] == 200
+
+
+async def test_aborted_downloads_leave_no_reference_cycles(
+    raw_upstream: RawServer, start_gateway: StartGateway
+) -> None:
+    """What a download a client aborted leaves must be freed by reference counting: the
+    gateway runs the cycle collector rarely (app.tune_gc), and cycles through a closed
+    connection's parser or a caught error's frames held megabytes per download."""
+
+    async def endless(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_head(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 1073741824\r\n\r\n")
+        block = b"x" * 65536
+        while True:
+            writer.write(block)
+            await writer.drain()
+
+    gateway = await start_gateway(one_route({"url": await raw_upstream(endless)}))
+    endpoint = gateway.runtime.pools["b"].endpoints[0]
+    assert gateway.upstream is not None
+    upstream = gateway.upstream
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(10):
+            reader, writer = await asyncio.open_connection("127.0.0.1", gateway.proxy_port)
+            writer.write(b"GET /large HTTP/1.1\r\nHost: gateway\r\n\r\n")
+            await reader.readexactly(512 * 1024)
+            writer.transport.abort()
+            await wait_until(
+                lambda: endpoint.active == 0 and upstream.open_connections(endpoint.origin) == 0,
+                "the upstream connection closed",
+            )
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        kinds = Counter(type(o).__name__ for o in gc.garbage)
+        frames = [
+            f"{o.f_code.co_filename}:{o.f_code.co_name}"
+            for o in gc.garbage
+            if isinstance(o, types.FrameType) and f"{os.sep}gateway{os.sep}" in o.f_code.co_filename
+        ]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert kinds["_Connection"] == kinds["_Exchange"] == kinds["UpstreamResponse"] == 0, kinds
+    assert frames == []
 
 
 # --- reload -----------------------------------------------------------------------------------

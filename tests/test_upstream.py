@@ -122,6 +122,7 @@ class CompareSpy:
     """An endpoint that notes each time least_request reads its load."""
 
     ejected_until = 0.0
+    limit = 1024
 
     def __init__(self, name: int, log: list[int]) -> None:
         self.name, self._log = name, log
@@ -214,6 +215,26 @@ def test_a_late_failure_of_an_ejected_endpoint_changes_nothing() -> None:
         p.failed(p.endpoints[0])  # requests sent before the ejection, failing now
     assert p.endpoints[0].ejected_until == until
     assert p.endpoints[0].ejections_in_a_row == 1
+
+
+@pytest.mark.parametrize("strategy", ["round_robin", "random", "least_request"])
+def test_after_a_timeout_an_endpoint_takes_one_request_at_a_time(strategy: str) -> None:
+    p = pool(strategy, 3, FakeClock())
+    hung = p.endpoints[0]
+    hung.active = 3  # requests sent before anything was known
+    p.failed(hung, timed_out=True)
+    assert hung.limit == 1
+    assert all(p.pick() is not hung for _ in range(60))  # busy: it has one (and more)
+    hung.active = 0
+    assert any(p.pick() is hung for _ in range(60))  # one probe at a time
+    p.failed(p.endpoints[1])  # a failure that is no timeout does not throttle
+    assert p.endpoints[1].limit == 1024
+    p.succeeded(hung)
+    assert hung.limit == 1024
+    lone = pool(strategy, 1, FakeClock())
+    lone.endpoints[0].active = 5
+    lone.failed(lone.endpoints[0], timed_out=True)
+    assert lone.pick() is lone.endpoints[0]  # nowhere else to go: never throttled
 
 
 # --- active health checks ------------------------------------------------------------------

@@ -48,6 +48,7 @@ from gateway.upstream import (
     ConnectTimeout,
     Endpoint,
     NoHealthyEndpoint,
+    StaleConnection,
     UpstreamClient,
     UpstreamError,
     UpstreamOverloaded,
@@ -414,18 +415,28 @@ class Forwarder:
                         content_length=length,
                         connect_timeout=pool.connect_timeout_seconds,
                         read_timeout=pool.timeout_seconds,
+                        elsewhere=pool.several,
                     )
                 except (ConnectError, ConnectTimeout) as error:
-                    # Nothing was sent: once more, on another endpoint, within the budget.
+                    # Nothing was sent (or, on a kept-alive connection found closed, nothing
+                    # reached the backend): once more, on another endpoint within the retry
+                    # budget. A closed kept-alive connection is no failure of the endpoint
+                    # (backends close idle ones), and is retried there if nowhere else.
+                    _forget(error)
+                    stale = isinstance(error, StaleConnection)
                     other = pool.other_than(endpoint)
                     if other is None or not pool.may_retry():
-                        raise
-                    hung = isinstance(error, TimeoutError)
-                    metrics.upstream_error("timeout" if hung else "connect")
-                    pool.failed(endpoint, timed_out=hung)
-                    _release(pool, endpoint)
-                    endpoint = other
-                    endpoint.active += 1
+                        if not stale:
+                            raise
+                        other = endpoint
+                    if not stale:
+                        hung = isinstance(error, TimeoutError)
+                        metrics.upstream_error("timeout" if hung else "connect")
+                        pool.failed(endpoint, timed_out=hung)
+                    if other is not endpoint:
+                        _release(pool, endpoint)
+                        endpoint = other
+                        endpoint.active += 1
                     pool.retries += 1
                     try:
                         upstream = await client.request(
@@ -443,7 +454,8 @@ class Forwarder:
             except (BodyTooLarge, BodyTimeout, RequestPayloadError) as error:
                 # The client's body: too large, stalled or malformed on its way through.
                 return self.refuse(metrics, error, request_id, started, request)
-            except TimeoutError:
+            except TimeoutError as error:
+                _forget(error)
                 if request.transport is None:
                     return _client_left(metrics, started)
                 pool.failed(endpoint, timed_out=True)
@@ -454,6 +466,7 @@ class Forwarder:
                     request_id, started,
                 )  # fmt: skip
             except (UpstreamError, OSError) as error:
+                _forget(error)
                 if request.transport is None:
                     # The client went away (mid-upload): not the backend's failure.
                     return _client_left(metrics, started)
@@ -551,25 +564,28 @@ class Forwarder:
                             exchange.tokens = usage.usage()
                     await response.write_eof()
             complete = True
-        except TimeoutError:
+        except TimeoutError as error:
             # Headers are gone already; all we can do is cut the connection so the
             # client sees an incomplete answer rather than a clean, truncated one.
+            _forget(error)
             pool.failed(endpoint, timed_out=True)
             metrics.upstream_error("timeout")
             _cut_off(metrics, upstream.status)
             _abort(request)
             upstream.close()
-        except UpstreamError:
+        except UpstreamError as error:
+            _forget(error)
             upstream.close()
             if request.transport is not None:  # else the client left, and closed it
                 pool.failed(endpoint)
                 metrics.upstream_error("stream_reset")
                 _cut_off(metrics, upstream.status)
                 _abort(request)
-        except ConnectionError:
+        except ConnectionError as error:
             # The client went away (reset, broken pipe, aiohttp's "Connection lost"):
             # stop reading from the backend; a connection whose answer was complete may
             # serve again.
+            _forget(error)
             upstream.release()
         except BaseException:
             upstream.close()
@@ -581,6 +597,20 @@ class Forwarder:
                 watch_client(request, None)
         exchange.finished = record.count(metrics, upstream.status, exchange.started)
         return response, complete
+
+
+def _forget(error: BaseException | None) -> None:
+    """Let go of the frames a caught error's traceback holds (and those of the errors it
+    was raised from). The error is also held by what raised it (the exchange it broke,
+    the future it failed), which the frames hold in turn: a cycle, which only the cycle
+    collector frees, and the gateway runs it rarely (app.tune_gc). Meanwhile the frames
+    hold the response, the request and the last chunk of the answer: aborted downloads
+    held megabytes each that way."""
+    for _ in range(8):  # a chain is a few errors long; a bound all the same
+        if error is None:
+            return
+        error.__traceback__ = None
+        error = error.__cause__ or error.__context__
 
 
 def _release(pool: BackendPool, endpoint: Endpoint) -> None:

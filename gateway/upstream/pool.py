@@ -13,6 +13,11 @@ slot straight to the first waiting one, so a newcomer never overtakes the queue.
 The request path reads one number per endpoint for its health: ``ejected_until`` is 0.0
 while it is in service, the end of its ejection while outlier detection holds it out
 (cleared by the first pick after that), and infinity while it fails its health checks.
+
+An endpoint of several whose last request timed out takes one request at a time until
+one succeeds (its ``limit`` drops to 1): a hung endpoint then collects a single request
+per timeout, not a share of all the traffic, until it is ejected. (The requests already
+sent to it when the first timeout fires time out too: nothing sent is sent again.)
 """
 
 from __future__ import annotations
@@ -69,6 +74,8 @@ class Endpoint:
     base_path: str = field(init=False)
     # Requests (and shadow calls) in flight: each holds one connection.
     active: int = 0
+    # How many it may take at once: the pool's max_connections, or 1 after a timeout.
+    limit: int = 1024
     consecutive_failures: int = 0
     # 0.0 in service; else when its ejection ends (infinity while failing checks).
     ejected_until: float = 0.0
@@ -126,6 +133,8 @@ class BackendPool:
     on_ejection: EjectionHook | None = None
     # Retries in flight (sent, not yet answered), for the retry budget.
     retries: int = 0
+    # More than one endpoint: a request has somewhere else to go (kept with endpoints).
+    several: bool = False
     # Requests waiting for a slot, first come first served. Shared with the pool a reload
     # builds for this backend, so that slots the old one's requests free reach them.
     waiting: deque[asyncio.Future[Endpoint]] = field(default_factory=deque)
@@ -145,7 +154,7 @@ class BackendPool:
         return cls(
             name=name,
             model=config.model or name,
-            endpoints=[Endpoint(url) for url in config.urls],
+            endpoints=[Endpoint(url, limit=config.max_connections) for url in config.urls],
             strategy=config.load_balancing,
             timeout_seconds=config.timeout_seconds,
             connect_timeout_seconds=config.connect_timeout_seconds,
@@ -164,6 +173,7 @@ class BackendPool:
             clock=clock,
             config=config,
             on_ejection=on_ejection,
+            several=len(config.urls) > 1,
         )
 
     # --- choosing ---------------------------------------------------------------------
@@ -190,7 +200,7 @@ class BackendPool:
                 endpoint = endpoints[self._next]
                 if (
                     endpoint.ejected_until == 0.0 or self._back_in_service(endpoint)
-                ) and endpoint.active < cap:
+                ) and endpoint.active < endpoint.limit:
                     return endpoint
             return None
         # random and least_request draw from all endpoints, in O(1), as long as the drawn
@@ -199,7 +209,9 @@ class BackendPool:
         i = int(_random() * count)  # random() < 1, so i < count
         first = endpoints[i]
         if self.strategy == "random":
-            if (first.ejected_until == 0.0 or self._back_in_service(first)) and first.active < cap:
+            if (
+                first.ejected_until == 0.0 or self._back_in_service(first)
+            ) and first.active < first.limit:
                 return first
             return self._choose(self._available())
         # least_request as Envoy does it: the less busy of two distinct random endpoints.
@@ -211,9 +223,9 @@ class BackendPool:
         ):
             load, other_load = first.active, second.active
             if load <= other_load:
-                if load < cap:
+                if load < first.limit:
                     return first
-            elif other_load < cap:
+            elif other_load < second.limit:
                 return second
         return self._choose(self._available())
 
@@ -284,13 +296,14 @@ class BackendPool:
         return self._choose(self._available(exclude=endpoint))
 
     def _available(self, exclude: Endpoint | None = None) -> list[Endpoint]:
+        several = len(self.endpoints) > 1
         cap = self.max_connections
         return [
             e
             for e in self.endpoints
             if e is not exclude
             and (e.ejected_until == 0.0 or self._back_in_service(e))
-            and e.active < cap
+            and e.active < (e.limit if several else cap)
         ]
 
     def _any_in_service(self) -> bool:
@@ -328,12 +341,16 @@ class BackendPool:
 
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.consecutive_failures = 0
+        endpoint.limit = self.max_connections
 
-    def failed(self, endpoint: Endpoint) -> None:
+    def failed(self, endpoint: Endpoint, *, timed_out: bool = False) -> None:
         """An attempt on ``endpoint`` failed: no connection, a timeout, a 5xx answer or a
-        broken one. Enough in a row eject it (see gateway.core.health)."""
+        broken one. Enough in a row eject it (see gateway.core.health). After a timeout
+        it takes one request at a time until one succeeds (if it has company)."""
         if endpoint.ejected_until != 0.0 and not self._back_in_service(endpoint):
             return  # out already: a request sent before its ejection, failing late
+        if timed_out and len(self.endpoints) > 1:
+            endpoint.limit = 1
         now = self.clock()
         out = sum(1 for e in self.endpoints if e.ejected_until > now)
         verdict = after_failure(
@@ -383,6 +400,7 @@ class BackendPool:
         else:
             endpoint.ejected_until = endpoint.outlier_until = 0.0
             endpoint.consecutive_failures = 0
+            endpoint.limit = self.max_connections
             endpoint.reason = ""
 
     def _ejected(self, endpoint: Endpoint, reason: str) -> None:
@@ -427,10 +445,13 @@ class BackendPool:
             same = kept.get(endpoint.base)
             if same:
                 endpoint = same.pop(0)
+                if endpoint.limit > 1 or not endpoint.consecutive_failures:
+                    endpoint.limit = self.max_connections  # which may have changed
                 if self.checks is None and endpoint.check_failing:
                     self._checks_passed(endpoint)  # nothing checks it any more
             endpoints.append(endpoint)
         self.endpoints = endpoints
+        self.several = len(endpoints) > 1
         self.waiting = previous.waiting
 
 
