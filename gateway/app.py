@@ -123,9 +123,23 @@ class Gateway:
         if self.config_path is None:
             raise RuntimeError("this gateway was not started from a file")
         async with self._reloading:  # one at a time: each builds on the last
-            await self._reload(self.config_path)
+            collecting = gc.isenabled()
+            # No cycle collection while the new routes are made: with them among the young
+            # objects it takes 100-200 ms (in whichever thread), all of it with the event
+            # loop stopped. Once they are in place they join what tune_gc put out of its
+            # view at start (the request path leaves no cycles for it to miss).
+            gc.disable()
+            try:
+                old = await self._reload(self.config_path)
+            finally:
+                if collecting:
+                    gc.enable()
+            if collecting:
+                gc.freeze()
+            await _let_go(old)
 
-    async def _reload(self, path: Path) -> None:
+    async def _reload(self, path: Path) -> list[object]:
+        """The reload proper; returns what the new config replaced, to be let go of."""
         old_config, old_runtime = self.config, self.runtime
         new_config, runtime = await asyncio.to_thread(self._prepare, path, old_runtime)
         await self.steering.adopt_gradually(runtime)
@@ -150,6 +164,7 @@ class Gateway:
         except StoreError as error:
             log.warning("reload: state store unavailable: %s", error)
         log.info("reloaded %s: %s", self.config_path, counted(len(runtime.routes), "route"))
+        return [old_config, *old_config.routes, *old_runtime.routes.values(), old_runtime]
 
     def _prepare(self, path: Path, previous: Runtime) -> tuple[GatewayConfig, Runtime]:
         """In a thread: the config file read and validated, and the runtime built from it
@@ -378,6 +393,15 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+async def _let_go(old: list[object], batch: int = 500) -> None:
+    """Drop the objects of a replaced config a slice at a time (``old`` holding the last
+    references to most of them). Dropped at once, 20,000 routes' worth took 115 ms to
+    free, with the event loop stopped."""
+    while old:
+        del old[-batch:]
+        await asyncio.sleep(0)
 
 
 @contextlib.asynccontextmanager
