@@ -384,10 +384,12 @@ class Forwarder:
         else:
             try:
                 endpoint = await pool.acquire()  # its slot counted
-            except NoHealthyEndpoint:
+            except NoHealthyEndpoint as error:
                 metrics.upstream_error("no_healthy_endpoint")
+                # A registry reference that points nowhere says so (upstream/unresolved.py).
                 return self.fail(
-                    metrics, NO_HEALTHY_ENDPOINT, f"backend {pool.name} has no healthy endpoint",
+                    metrics, NO_HEALTHY_ENDPOINT,
+                    str(error) or f"backend {pool.name} has no healthy endpoint",
                     request_id, started,
                 )  # fmt: skip
             except UpstreamOverloaded:
