@@ -118,6 +118,13 @@ class Metrics:
         self.upstream_connections = gauge(
             "gateway_upstream_connections", ["backend"],
             "Open connections to a backend's endpoints, in use or idle.", "livesum")
+        self.registry_alias_moves = counter(
+            "gateway_registry_alias_moves_total", ["model", "alias"],
+            "Model registry alias moves and deletions, counted by the process that made them.")
+        self.registry_alias_target = gauge(
+            "gateway_registry_alias_target", ["model", "alias", "version"],
+            "1 on the version each alias of a model that routes reference points at.",
+            "livemostrecent")
         # fmt: on
         # Every metric with a backend label: what forget_backend clears.
         self._by_backend: tuple[Counter | Gauge, ...] = (
