@@ -32,6 +32,8 @@ from gateway.core.usage import usage_of_answer
 from gateway.edge import EdgeLimits, EdgeServer, RejectLog
 from gateway.metrics import Metrics, multiprocess_dir, sync_periodically
 from gateway.pipeline.proxy import Proxy
+from gateway.references import References
+from gateway.registry import Registry
 from gateway.runtime import RouteRuntime, Runtime
 from gateway.shadow import ShadowRunner
 from gateway.steering import Steering
@@ -79,6 +81,12 @@ class Gateway:
         self.steering.adopt(self.runtime)
         self.controller = CanaryController(self.steering, self.metrics)
         self.controller.adopt(self.runtime)
+        # Routes that name the registry (model:NAME@ALIAS) follow it through this.
+        self.references = References(
+            self.steering, self.metrics, on_challenger_moved=self.controller.recheck_challenger
+        )
+        self.references.adopt(self.runtime)
+        self.registry: Registry | None = None  # on the state store, once it is open
         self.upstream: UpstreamClient | None = None
         self.health_checker: HealthChecker | None = None
         self._reloading = asyncio.Lock()
@@ -143,6 +151,7 @@ class Gateway:
         old_config, old_runtime = self.config, self.runtime
         new_config, runtime = await asyncio.to_thread(self._prepare, path, old_runtime)
         await self.steering.adopt_gradually(runtime)
+        self.references.adopt(runtime)
         self.controller.adopt(runtime)
         for section in ("server", "admin", "state", "tracing"):
             if getattr(new_config, section) != getattr(old_config, section):
@@ -159,8 +168,9 @@ class Gateway:
         )
         try:
             # Stored weights the new file overrules are deleted now, not at the next
-            # change some replica makes.
+            # change some replica makes; models the new file references are read now.
             await self.steering.restore()
+            await self.references.refresh()
         except StoreError as error:
             log.warning("reload: state store unavailable: %s", error)
         log.info("reloaded %s: %s", self.config_path, counted(len(runtime.routes), "route"))
@@ -221,6 +231,9 @@ class Gateway:
             raise StartError(f"cannot open the state store ({where}): {error}") from None
         self.store = await services.enter_async_context(_store_open(store))
         await services.enter_async_context(self.steering.synced(self.store))
+        moves = self.metrics.registry_alias_moves
+        self.registry = Registry(self.store, on_move=lambda m, a: moves.labels(m, a).inc())
+        await services.enter_async_context(self.references.running(self.store, self.registry))
         await services.enter_async_context(self.controller.running(self.store))
         self.tracer = await services.enter_async_context(self._tracing())
         # One batch for both sides: a pass's answers and backend requests go out together.

@@ -30,6 +30,7 @@ from pydantic_core import ErrorDetails
 from yarl import URL
 
 from gateway.core.paths import BadPath, normalise_path
+from gateway.core.reference import Reference, is_reference, parse_reference
 from gateway.core.split import weight_problem
 
 
@@ -597,6 +598,20 @@ class GatewayConfig(_Strict):
     routes: list[RouteConfig]
 
 
+def references(config: GatewayConfig) -> list[tuple[str, Reference]]:
+    """Every registry reference of the routes (``model:NAME@ALIAS``), with its key path."""
+    found = []
+    for i, route in enumerate(config.routes):
+        named = [("champion", route.champion), ("challenger", route.challenger)]
+        if route.shadow is not None:
+            named.append(("shadow.target", route.shadow.target))
+        for field, name in named:
+            if is_reference(name):
+                assert name is not None
+                found.append((f"routes[{i}].{field}", parse_reference(name)))
+    return found
+
+
 def semantic_problems(config: GatewayConfig) -> list[str]:
     """Cross-references pydantic cannot check one field at a time."""
     problems: list[str] = []
@@ -621,6 +636,15 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
                     f"{where}.shadow.target: must differ from the champion, got {route.champion!r}"
                 )
         for field, backend in refs:
+            if is_reference(backend):
+                # The registry's: checked when it resolves, not here (it may be
+                # registered after this file is written; ``gateway check`` warns).
+                assert backend is not None
+                try:
+                    parse_reference(backend)
+                except ValueError as error:
+                    problems.append(f"{where}.{field}: {error}")
+                continue
             if backend is not None and backend not in config.backends:
                 problems.append(
                     f"{where}.{field}: unknown backend {backend!r} (known: {', '.join(known)})"

@@ -19,12 +19,14 @@ Concurrency, with nothing but the store's compare-and-set:
 - history entries are numbered by a per-model counter taken with compare-and-set, so
   they are ordered as they happened, whichever replica wrote them.
 
-Store keys, under ``registry/{model}/``: ``versions/{n:010d}``, ``aliases/{alias}``,
+Store keys, under ``registry/{model}/``: ``versions/{n:010d}``, ``aliases/{alias}``
+(``{"version": null}`` once deleted: cleared by compare-and-set, never removed),
 ``seq`` (the history counter) and ``history/{seq:012d}``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import re
 import time
@@ -116,6 +118,12 @@ def parse_version(text: str | int) -> int:
     return version
 
 
+def _target(record: Mapping[str, Any]) -> int | None:
+    """The version an alias record points at (None: cleared)."""
+    version = record.get("version")
+    return int(version) if version is not None else None
+
+
 def _key(model: str, *parts: str) -> str:
     return PREFIX + model + "/" + "/".join(parts)
 
@@ -128,9 +136,17 @@ class Registry:
     """The registry on a state store. Every method reads or writes the store: the
     registry is what the store holds, nothing is cached here."""
 
-    def __init__(self, store: StateStore, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: StateStore,
+        *,
+        clock: Callable[[], float] = time.time,
+        on_move: Callable[[str, str], None] | None = None,
+    ) -> None:
         self._store = store
         self._clock = clock
+        # Told (model, alias) of every alias this process moves or deletes: the metric.
+        self._on_move = on_move
 
     # --- reading --------------------------------------------------------------------------
 
@@ -146,7 +162,8 @@ class Registry:
 
     async def aliases(self, model: str) -> dict[str, int]:
         entries = await self._store.scan_prefix(_key(model, "aliases", ""))
-        return {e.key.rsplit("/", 1)[1]: int(e.value["version"]) for e in entries}
+        found = ((e.key.rsplit("/", 1)[1], _target(e.value)) for e in entries)
+        return {alias: version for alias, version in found if version is not None}
 
     async def history(self, model: str) -> list[dict[str, Any]]:
         return [e.value for e in await self._store.scan_prefix(_key(model, "history", ""))]
@@ -167,9 +184,10 @@ class Registry:
             versions = await self.versions(model)
             return versions[-1] if versions else None
         target = await self._store.get(_key(model, "aliases", alias_or_version))
-        if target is None:
+        number = _target(target) if target is not None else None
+        if number is None:
             return None
-        value = await self._store.get(_version_key(model, int(target["version"])))
+        value = await self._store.get(_version_key(model, number))
         return Version.from_dict(value) if value is not None else None
 
     async def require_model(self, model: str) -> None:
@@ -246,7 +264,7 @@ class Registry:
         key = _key(model, "aliases", alias)
         for _ in range(_CAS_ATTEMPTS):
             entry = await self._store.get_entry(key)
-            before = int(entry.value["version"]) if entry is not None else None
+            before = _target(entry.value) if entry is not None else None
             if expected is not Unchecked.ANY and expected != before:
                 raise RegistryError(
                     409, "alias_changed",
@@ -260,20 +278,107 @@ class Registry:
                 await self._record(
                     model, "alias", actor, reason, alias=alias, version=version, previous=before
                 )
+                if self._on_move is not None:
+                    self._on_move(model, alias)
                 return before
         raise RegistryError(409, "alias_changed", f"{model}@{alias} kept moving; try again")
 
     async def delete_alias(
-        self, model: str, alias: str, *, actor: str = "admin", reason: str = ""
+        self,
+        model: str,
+        alias: str,
+        *,
+        expected: int | Literal[Unchecked.ANY] = Unchecked.ANY,
+        actor: str = "admin",
+        reason: str = "",
     ) -> int:
+        """Remove an alias; returns the version it pointed at. ``expected``: refused with
+        409 ``alias_changed`` unless it points there (a move in between is not undone)."""
         key = _key(model, "aliases", alias)
-        entry = await self._store.get_entry(key)
-        if entry is None:
-            raise RegistryError(404, "unknown_alias", f"model {model!r} has no alias {alias!r}")
-        await self._store.delete(key)
-        before = int(entry.value["version"])
-        await self._record(model, "unalias", actor, reason, alias=alias, previous=before)
-        return before
+        for _ in range(_CAS_ATTEMPTS):
+            entry = await self._store.get_entry(key)
+            before = _target(entry.value) if entry is not None else None
+            if entry is None or before is None:
+                raise RegistryError(
+                    404, "unknown_alias", f"model {model!r} has no alias {alias!r}"
+                )
+            if expected is not Unchecked.ANY and expected != before:
+                raise RegistryError(
+                    409, "alias_changed",
+                    f"{model}@{alias} points at {before}, not {expected}: it moved meanwhile",
+                )  # fmt: skip
+            # Cleared, not deleted: the store has no compare-and-delete, and a delete after
+            # a check could undo a move made in between.
+            record = {"version": None, "updated_at": self._clock(), "actor": actor}
+            if await self._store.compare_and_set(key, entry.version, record) is None:
+                continue
+            await self._record(model, "unalias", actor, reason, alias=alias, previous=before)
+            if self._on_move is not None:
+                self._on_move(model, alias)
+            return before
+        raise RegistryError(409, "alias_changed", f"{model}@{alias} kept moving; try again")
+
+    # --- promotion ------------------------------------------------------------------------
+
+    async def promote(
+        self,
+        model: str,
+        *,
+        champion: str = "champion",
+        challenger: str = "challenger",
+        previous: str = "previous",
+        actor: str = "admin",
+        reason: str = "",
+    ) -> tuple[int | None, int]:
+        """The challenger's version becomes champion: ``previous`` := the old champion's
+        version, ``champion`` := the challenger's, ``challenger`` cleared. Returns (old
+        champion, new champion). The champion's move is the compare-and-set that decides:
+        of two promotions at once, one wins and the other gets 409 ``alias_changed``."""
+        await self.require_model(model)
+        aliases = await self.aliases(model)
+        new = aliases.get(challenger)
+        if new is None:
+            raise RegistryError(
+                409, "no_challenger",
+                f"{model}@{challenger} points at no version: there is nothing to promote",
+            )  # fmt: skip
+        old = aliases.get(champion)
+        why = reason or f"promoted {model}@{challenger} (version {new})"
+        await self.move_alias(model, champion, new, expected=old, actor=actor, reason=why)
+        if old is not None:
+            await self.move_alias(model, previous, old, actor=actor, reason=why)
+        with contextlib.suppress(RegistryError):  # moved or cleared meanwhile: leave it
+            await self.delete_alias(model, challenger, expected=new, actor=actor, reason=why)
+        return old, new
+
+    async def demote(
+        self,
+        model: str,
+        *,
+        champion: str = "champion",
+        challenger: str = "challenger",
+        previous: str = "previous",
+        actor: str = "admin",
+        reason: str = "",
+    ) -> tuple[int, int | None]:
+        """Undo a promotion: ``champion`` := ``previous``'s version, ``challenger`` := the
+        demoted champion's, ``previous`` cleared. Returns (restored champion, demoted)."""
+        await self.require_model(model)
+        aliases = await self.aliases(model)
+        restored = aliases.get(previous)
+        if restored is None:
+            raise RegistryError(
+                409, "no_previous",
+                f"{model}@{previous} points at no version: there is no promotion to undo",
+            )  # fmt: skip
+        demoted = aliases.get(champion)
+        why = reason or f"rolled back to {model}@{previous} (version {restored})"
+        await self.move_alias(model, champion, restored, expected=demoted, actor=actor, reason=why)
+        if demoted is not None and demoted != restored:
+            await self.move_alias(model, challenger, demoted, actor=actor, reason=why)
+        with contextlib.suppress(RegistryError):
+            await self.delete_alias(model, previous, expected=restored, actor=actor, reason=why)
+        return restored, demoted
 
     async def delete_version(
         self, model: str, version: int, *, actor: str = "admin", reason: str = ""

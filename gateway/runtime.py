@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from gateway.config import GatewayConfig, RouteConfig
+from gateway.core.reference import is_reference
 from gateway.core.split import CHALLENGER, CHAMPION, Variant
 from gateway.metrics import Metrics, RouteMetrics
 from gateway.pipeline.rewrite import Rewrite, rewrite_for
@@ -23,6 +24,7 @@ from gateway.pipeline.route import RouteMatcher, Router
 from gateway.pipeline.split import KeySource
 from gateway.shadow import ShadowPolicy
 from gateway.upstream import BackendPool, build_pools
+from gateway.upstream.unresolved import unresolved_pool
 
 
 class LoadTrace(Protocol):
@@ -57,6 +59,9 @@ class Lane:
     trace: LoadTrace | None = None
     # How the backend wants the path and body (its path_prefix, model_name), if it does.
     rewrite: Rewrite | None = None
+    # The model its load is traced under, when not the pool's: a registry version's
+    # ({model}-v{version}) served by a backend of the config.
+    model: str | None = None
 
 
 @dataclass(slots=True, eq=False)
@@ -105,15 +110,17 @@ def build_route(
 ) -> RouteRuntime:
     """The route's runtime object: ``previous`` itself when nothing it depends on changed
     (its config, and the pools it sends to), else a new one that keeps what it can."""
-    champion = pools[config.champion]
-    challenger = pools[config.challenger] if config.challenger else None
-    target = pools[config.shadow_target] if config.shadow_target else None
+    champion = _pool(config.champion, pools)
+    challenger = _pool(config.challenger, pools) if config.challenger else None
+    target = _pool(config.shadow_target, pools) if config.shadow_target else None
     if (
         previous is not None
         and previous.config == config
-        and previous.champion is champion
-        and previous.challenger is challenger
-        and (previous.shadow.target if previous.shadow else None) is target
+        and _same(config.champion, previous.champion, champion)
+        and _same(config.challenger, previous.challenger, challenger)
+        and _same(
+            config.shadow_target, previous.shadow.target if previous.shadow else None, target
+        )
     ):
         return previous
     name = config.name
@@ -141,6 +148,20 @@ def build_route(
                 metrics=metrics,
             )  # fmt: skip
     return route
+
+
+def _pool(name: str, pools: Mapping[str, BackendPool]) -> BackendPool:
+    """The config's pool of that name; for a registry reference, one that answers 503
+    until gateway.steering points the lane at what the reference resolves to."""
+    if is_reference(name):
+        return unresolved_pool(name, f"{name} is not resolved yet")
+    return pools[name]
+
+
+def _same(name: str | None, before: BackendPool | None, now: BackendPool | None) -> bool:
+    """Whether a route may keep its lane's pool: the same config pool, or the same registry
+    reference (what it resolves to is gateway.steering's, not the file's)."""
+    return is_reference(name) or before is now
 
 
 def build_router(routes: Mapping[str, RouteRuntime]) -> Router[RouteRuntime]:

@@ -30,16 +30,22 @@ import contextlib
 import logging
 import math
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from gateway.core.reference import is_reference, parse_reference
 from gateway.core.split import threshold, weight_problem
 from gateway.metrics import Metrics
+from gateway.pipeline.rewrite import rewrite_for
+from gateway.registry import LATEST, Registry, RegistryError
 from gateway.runtime import RouteRuntime, Runtime
 from gateway.store import StateStore, StoreError
 from gateway.store.base import DEFAULT_POLL_SECONDS
 from gateway.upstream import BackendPool
+
+if TYPE_CHECKING:
+    from gateway.references import Resolution
 
 log = logging.getLogger("gateway.steering")
 
@@ -148,10 +154,43 @@ class Steering:
         self._locks: dict[str, str] = {}  # route -> the actor that alone may set its weight
         self._actors: dict[str, str] = {}  # route -> who set its runtime weight
         self._store: StateStore | None = None
+        # Registry references (gateway.references): what each resolves to now, the
+        # registry a promotion moves aliases in, and how to re-resolve after it did.
+        self._resolved: Mapping[str, Resolution] = {}
+        self._registry: Registry | None = None
+        self._reresolve: Callable[[], Awaitable[None]] | None = None
 
     @property
     def routes(self) -> Mapping[str, RouteRuntime]:
         return self._routes
+
+    def resolution(self, reference: str) -> Resolution | None:
+        """What a registry reference resolves to now (None: not read yet)."""
+        return self._resolved.get(reference)
+
+    def attach_registry(
+        self, registry: Registry | None, reresolve: Callable[[], Awaitable[None]] | None
+    ) -> None:
+        self._registry, self._reresolve = registry, reresolve
+
+    def resolved(self, resolutions: Mapping[str, Resolution]) -> list[str]:
+        """Point the routes' registry references at what they resolve to now. Returns
+        the routes whose challenger changed (a canary on it must start over)."""
+        before, self._resolved = self._resolved, resolutions
+        moved = {
+            ref for ref, r in resolutions.items() if not r.same_as(before.get(ref))
+        }
+        challengers_moved = []
+        for name, route in self._routes.items():
+            config = route.config
+            if not moved.intersection((config.champion, config.challenger, config.shadow_target)):
+                continue
+            challenger = route.challenger
+            self._apply_backends(route, self._promotions.get(name))
+            self._reweigh(route)
+            if route.challenger is not challenger and route.challenger is not None:
+                challengers_moved.append(name)
+        return challengers_moved
 
     def promotion(self, name: str) -> Promotion | None:
         return self._promotions.get(name)
@@ -241,8 +280,12 @@ class Steering:
 
     async def promote(self, name: str, *, actor: str) -> bool:
         """Make the route's challenger its champion for all traffic; returns whether the
-        store took it. The former champion is remembered for ``demote``."""
+        store took it. The former champion is remembered for ``demote``: in the store's
+        promotion record, or, on a route whose champion and challenger are registry
+        references, by the registry's aliases (``previous``)."""
         route = self._route(name)
+        if is_reference(route.config.champion) or is_reference(route.config.challenger):
+            return await self._move_aliases(route, actor, promote=True)
         challenger = route.challenger
         if challenger is None:
             if name in self._promotions:
@@ -264,6 +307,8 @@ class Steering:
         """Undo a promotion: the former champion serves all traffic again and the
         promoted backend is the challenger at weight 0. Returns whether the store took it."""
         route = self._route(name)
+        if is_reference(route.config.champion) or is_reference(route.config.challenger):
+            return await self._move_aliases(route, actor, promote=False)
         # Undone even where this process has not seen the promotion yet (it came through
         # another replica less than a second ago): the records below are what counts.
         self._promotions.pop(name, None)
@@ -296,6 +341,56 @@ class Steering:
             return False
         return True
 
+    async def _move_aliases(self, route: RouteRuntime, actor: str, *, promote: bool) -> bool:
+        """Promotion (or its undoing) of a route by registry references: the aliases
+        move (gateway.registry.Registry.promote and demote), every replica follows them,
+        and the weight goes to 0 here, the weight first as in ``promote``."""
+        champion, challenger = route.config.champion, route.config.challenger
+        refs = [parse_reference(r) for r in (champion, challenger) if r and is_reference(r)]
+        if (
+            len(refs) != 2
+            or refs[0].model != refs[1].model
+            or refs[0].alias in (None, LATEST)
+            or refs[1].alias in (None, LATEST)
+        ):
+            raise SteeringError(
+                409, "not_promotable",
+                f"route {route.name!r}: a promotion moves aliases, so champion and challenger "
+                f"must both be aliases of one model (model:NAME@champion, "
+                f"model:NAME@challenger), got {champion!r} and {challenger!r}",
+            )  # fmt: skip
+        registry = self._registry
+        if registry is None:
+            raise StoreError("the model registry is not available")
+        model, champion_alias, challenger_alias = refs[0].model, refs[0].alias, refs[1].alias
+        assert champion_alias is not None and challenger_alias is not None
+        weight = self._set_override(route, 0.0, actor)
+        stored = await self._put(route.name, weight_key(route.name), weight.record(actor))
+        what = "promoted" if promote else "promotion undone"
+        try:
+            move = registry.promote if promote else registry.demote
+            await move(
+                model, champion=champion_alias, challenger=challenger_alias, actor=actor,
+                reason=f"route {route.name}: {what} by {actor}",
+            )  # fmt: skip
+        except RegistryError as error:
+            raise SteeringError(error.status, error.code, str(error)) from None
+        log.info("route %s: %s (model %s's aliases moved) by %s", route.name, what, model, actor)
+        if self._reresolve is not None:
+            await self._reresolve()  # this process follows at once, the others within 1 s
+        return stored
+
+    def _reweigh(self, route: RouteRuntime) -> None:
+        """The route's weight again, after its challenger came or went (an alias moved):
+        its runtime weight where it applies, else the file's (0 without a challenger)."""
+        override = self._overrides.get(route.name)
+        if override is not None and override.applies_to(route):
+            weight = override.weight
+        else:
+            weight = self._file_weight(route)
+        if weight != route.weight:
+            self._apply(route, weight)
+
     def _set_override(self, route: RouteRuntime, weight: float, actor: str) -> Override:
         override = Override(weight, route.config.split.challenger_weight)
         self._overrides[route.name] = override
@@ -321,19 +416,58 @@ class Steering:
         """Point the route's lanes at the pools that play champion and challenger now.
         In-flight requests finish where they started: they hold their pool already."""
         config = route.config
+        champion_model = challenger_model = None
         if promotion is not None:
             champion, challenger = self._pools[promotion.champion], None
         else:
-            champion = self._pools[config.champion]
-            challenger = self._pools[config.challenger] if config.challenger else None
-        for lane, pool in (
-            (route.champion_lane, champion),
-            (route.challenger_lane, challenger or champion),
-        ):
-            if lane.pool is not pool:
-                lane.pool = pool
+            serving, champion_model = self._pool_of(config.champion, route.champion_lane.pool)
+            assert serving is not None  # a champion always has a pool, if one that answers 503
+            champion = serving
+            challenger, challenger_model = (
+                self._pool_of(config.challenger, route.challenger, optional=True)
+                if config.challenger
+                else (None, None)
+            )
+        prefix = config.match.path_prefix
+        for lane, pool, model in (
+            (route.champion_lane, champion, champion_model),
+            (route.challenger_lane, challenger or champion,
+             challenger_model if challenger else champion_model),
+        ):  # fmt: skip
+            if lane.pool is not pool or lane.model != model:
+                lane.pool, lane.model = pool, model
+                lane.rewrite = rewrite_for(prefix, pool.config)  # the new backend's
                 lane.trace = None  # the new pool's model: resolved at the next request
         route.has_challenger = challenger is not None
+        shadow = route.shadow
+        if shadow is not None:
+            if is_reference(config.shadow_target) and config.shadow_target is not None:
+                resolution = self._resolved.get(config.shadow_target)
+                if resolution is not None and shadow.target is not resolution.pool:
+                    shadow.target = resolution.pool
+                    shadow.timeout_seconds = (
+                        shadow.config.timeout_seconds or resolution.pool.timeout_seconds
+                    )
+            if is_reference(config.champion):
+                shadow.champion = champion
+
+    def _pool_of(
+        self, name: str, current: BackendPool | None, *, optional: bool = False
+    ) -> tuple[BackendPool | None, str | None]:
+        """The pool that serves a route's champion or challenger, and the model its load
+        is traced under when not the pool's. A registry reference not read yet keeps
+        ``current``; one that points nowhere is a pool that answers 503 for a champion,
+        and no challenger at all (``optional``)."""
+        if not is_reference(name):
+            return self._pools[name], None
+        resolution = self._resolved.get(name)
+        if resolution is None:
+            return current, None
+        version = resolution.version
+        if version is None:
+            return (None if optional else resolution.pool), None
+        traced = version.trace_model if version.trace_model != resolution.pool.model else None
+        return resolution.pool, traced
 
     # --- the state store ------------------------------------------------------------------
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin import canary, health, reload, routes, status, traces
+from gateway.admin import canary, health, models, reload, routes, status, traces
 from gateway.admin.common import TARGET, AdminTarget, auth_middleware, json_errors
 
 __all__ = ["AdminTarget", "build_admin_app"]
@@ -29,5 +29,6 @@ def build_admin_app(
     app.router.add_get("/api/v1/traces", traces.list_traces)
     app.router.add_get("/api/v1/traces/{model}", traces.get_traces)
     app.router.add_post("/api/v1/reload", reload.reload)
+    models.add_routes(app.router)  # /api/v1/models...
     status.add_routes(app.router)  # the status page: /, /static/status.{js,css}
     return app

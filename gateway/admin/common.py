@@ -14,8 +14,11 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
+from gateway.config import GatewayConfig
 from gateway.controller import CanaryController
 from gateway.metrics import Metrics
+from gateway.references import References
+from gateway.registry import Registry
 from gateway.runtime import RouteRuntime
 from gateway.shadow import ShadowRunner
 from gateway.steering import Steering
@@ -36,6 +39,15 @@ class AdminTarget(Protocol):
 
     @property
     def metrics(self) -> Metrics: ...
+
+    @property
+    def config(self) -> GatewayConfig: ...
+
+    @property
+    def registry(self) -> Registry | None: ...
+
+    @property
+    def references(self) -> References: ...
 
     @property
     def ready(self) -> bool: ...

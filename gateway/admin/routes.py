@@ -10,14 +10,17 @@ from aiohttp import web
 
 from gateway.admin.common import TARGET, json_error, json_response, settle_shadows
 from gateway.core.canary import Status
+from gateway.core.reference import is_reference
 from gateway.runtime import RouteRuntime
-from gateway.steering import SteeringError
+from gateway.steering import Steering, SteeringError
 
 
-def route_view(route: RouteRuntime, canary: Status | None = None) -> dict[str, Any]:
+def route_view(
+    route: RouteRuntime, canary: Status | None = None, steering: Steering | None = None
+) -> dict[str, Any]:
     config = route.config
     match = config.match
-    return {
+    view = {
         "name": route.name,
         "match": match.model_dump(exclude_none=True),
         "champion": route.champion.name,
@@ -33,6 +36,30 @@ def route_view(route: RouteRuntime, canary: Status | None = None) -> dict[str, A
         "canary": _canary_summary(canary) if config.canary else None,
         "endpoints": _endpoint_health(route),
     }
+    if steering is not None:
+        references = _references(route, steering)
+        if references:
+            view["references"] = references
+    return view
+
+
+def _references(route: RouteRuntime, steering: Steering) -> dict[str, Any]:
+    """What each registry reference of the route (model:NAME@ALIAS) resolves to now."""
+    config = route.config
+    named = {"champion": config.champion, "challenger": config.challenger}
+    if config.shadow is not None:
+        named["shadow"] = config.shadow_target
+    shown: dict[str, Any] = {}
+    for role, name in named.items():
+        if name is None or not is_reference(name):
+            continue
+        resolution = steering.resolution(name)
+        shown[role] = (
+            resolution.as_dict()
+            if resolution is not None
+            else {"reference": name, "version": None, "problem": "not resolved yet"}
+        )
+    return shown
 
 
 def _endpoint_health(route: RouteRuntime) -> dict[str, list[dict[str, Any]]]:
@@ -87,7 +114,8 @@ async def list_routes(request: web.Request) -> web.Response:
     return json_response(
         {
             "routes": [
-                route_view(r, target.controller.status(r.name)) for r in target.routes.values()
+                route_view(r, target.controller.status(r.name), target.steering)
+                for r in target.routes.values()
             ],
             "state": await target.state_health(),
         }
@@ -100,7 +128,7 @@ async def get_route(request: web.Request) -> web.Response:
     if isinstance(found, web.Response):
         return found
     target = request.app[TARGET]
-    view = route_view(found, target.controller.status(found.name))
+    view = route_view(found, target.controller.status(found.name), target.steering)
     return json_response({**view, "state": await target.state_health()})
 
 
@@ -139,7 +167,8 @@ async def put_weight(request: web.Request) -> web.Response:
         )
     except SteeringError as error:
         return json_error(error.status, error.code, str(error))
-    view = route_view(route, request.app[TARGET].controller.status(route.name))
+    target = request.app[TARGET]
+    view = route_view(route, target.controller.status(route.name), target.steering)
     return json_response({**view, "persisted": persisted})
 
 

@@ -187,6 +187,13 @@ class CanaryController:
     def routes(self) -> Mapping[str, Any]:
         return self._canaries
 
+    def recheck_challenger(self, name: str) -> None:
+        """The route's challenger is another model now (its registry alias moved): a
+        running canary starts over at the next tick, as after a reload that changed it."""
+        canary = self._canaries.get(name)
+        if canary is not None:
+            canary.check_challenger = True
+
     def status(self, name: str) -> Status | None:
         canary = self._canaries.get(name)
         return canary.status if canary is not None else None

@@ -31,7 +31,7 @@ def begin(exchange: Exchange, tracer: LoadTracer | None) -> None:
     if tracer is not None:
         trace = lane.trace
         if trace is None:
-            trace = lane.trace = tracer.trace_of(lane.pool.model)
+            trace = lane.trace = tracer.trace_of(lane.model or lane.pool.model)
         trace.add(exchange.started + tracer.perf_offset)
         exchange.trace = trace
 
