@@ -1,4 +1,4 @@
-"""The ``gateway`` command: run | check | demo | status | weight | canary."""
+"""The ``gateway`` command: run | check | demo | status | weight | canary | models."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ import urllib.request
 from collections.abc import Callable, Coroutine, Sequence
 from typing import TYPE_CHECKING, Any
 
-from gateway.config import ConfigError, load
+from gateway.config import ConfigError, GatewayConfig, load, references
+from gateway.core.reference import Reference
 from gateway.text import counted
 
 if TYPE_CHECKING:
@@ -54,7 +55,65 @@ def cmd_check(args: argparse.Namespace) -> int:
         counted(len(config.routes), "route"),
     )
     print(f"{args.config}: ok ({backends}, {routes})")
+    for warning in _reference_warnings(config):
+        print(f"  warning: {warning}", file=sys.stderr)
     return 0
+
+
+def _reference_warnings(config: GatewayConfig) -> list[str]:
+    """Registry references (model:NAME@ALIAS) are not errors when the model, alias or
+    version is missing: it may be registered after the file is written. They are
+    checked against the registry in the config's state store when it can be read now,
+    and said to be unchecked otherwise."""
+    found = references(config)
+    if not found:
+        return []
+    state = config.state
+    try:
+        if state.backend == "embedded" and not os.path.exists(state.path):
+            read = {}  # no store yet: nothing registered (and check creates nothing)
+        else:
+            read = asyncio.run(asyncio.wait_for(_read_registry(config, found), 5.0))
+    except Exception as error:  # whatever the store does, check still answers
+        why = str(error) or type(error).__name__
+        return [
+            f"{where}: {ref} is resolved from the model registry at run time; the state "
+            f"store could not be read now to check it ({why})"
+            for where, ref in found
+        ]
+    warnings = []
+    for where, ref in found:
+        aliases, versions = read.get(ref.model, ({}, set()))
+        if not versions:
+            problem = f"no model {ref.model!r} in the registry yet"
+        elif ref.version is not None and ref.version not in versions:
+            problem = f"model {ref.model!r} has no version {ref.version} yet"
+        elif ref.alias not in (None, "latest") and ref.alias not in aliases:
+            problem = f"alias {ref.alias!r} of model {ref.model!r} points at no version yet"
+        else:
+            continue
+        warnings.append(f"{where}: {ref}: {problem} (until then it serves nothing)")
+    return warnings
+
+
+async def _read_registry(
+    config: GatewayConfig, found: list[tuple[str, Reference]]
+) -> dict[str, tuple[dict[str, int], set[int]]]:
+    """The referenced models' aliases and version numbers, from the config's store."""
+    from gateway.registry import Registry
+    from gateway.store import open_store
+
+    state = config.state
+    store = open_store(state.backend, state.path, state.redis_url, f"{state.key_prefix}:state:")
+    try:
+        registry = Registry(store)
+        read = {}
+        for model in sorted({ref.model for _, ref in found}):
+            versions = {v.version for v in await registry.versions(model)}
+            read[model] = (await registry.aliases(model), versions)
+        return read
+    finally:
+        await store.close()
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -477,11 +536,325 @@ def cmd_canary_command(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- gateway models ------------------------------------------------------------------------
+
+
+def _models_path(*parts: str) -> str:
+    return "/api/v1/models" + "".join("/" + urllib.parse.quote(p, safe="") for p in parts)
+
+
+def _actor() -> str:
+    return os.environ.get("GATEWAY_ACTOR") or os.environ.get("USER") or "cli"
+
+
+def _version_arg(text: str) -> str:
+    """A version number as given on the command line (checked here: exit 1, one line)."""
+    if not text.isdigit() or int(text) < 1:
+        raise AdminError(f"gateway: a version is a number from 1, got {text!r}")
+    return str(int(text))
+
+
+def _print_json(data: Any) -> None:
+    print(json.dumps(data, indent=2))
+
+
+def _when(at: Any) -> str:
+    if not isinstance(at, int | float):
+        return "-"
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+
+
+def _aliases_text(aliases: Any) -> str:
+    if not isinstance(aliases, dict) or not aliases:
+        return "-"
+    return " ".join(f"{a}={v}" for a, v in sorted(aliases.items()))
+
+
+def _served_by(version: dict[str, Any]) -> str:
+    if version.get("backend"):
+        return f"backend {version['backend']}"
+    return ", ".join(version.get("endpoints") or ()) or "-"
+
+
+def _model_answer(args: argparse.Namespace, data: Any, *keys: str) -> dict[str, Any]:
+    if not isinstance(data, dict) or not all(k in data for k in keys):
+        raise _not_admin_api(args)
+    return data
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    data = _model_answer(args, _admin_call(args, "GET", _models_path()), "models")
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{'MODEL':<24} {'VERSIONS':<10} {'LATEST':>6}  ALIASES")
+    if not data["models"]:
+        print("(no models registered: gateway models register MODEL --url URL)")
+    for model in data["models"]:
+        versions = model.get("versions") or []
+        print(
+            f"{model['name']:<24} {len(versions):<10} {model.get('latest') or '-':>6}  "
+            f"{_aliases_text(model.get('aliases'))}"
+        )
+    return 0
+
+
+def cmd_models_show(args: argparse.Namespace) -> int:
+    data = _model_answer(
+        args, _admin_call(args, "GET", _models_path(args.model)), "name", "versions"
+    )
+    if args.json:
+        _print_json(data)
+        return 0
+    aliases = data.get("aliases") or {}
+    by_version: dict[int, list[str]] = {}
+    for alias, number in aliases.items():
+        by_version.setdefault(number, []).append(alias)
+    print(f"{data['name']}: latest version {data.get('latest') or '-'}, "
+          f"aliases {_aliases_text(aliases)}")  # fmt: skip
+    print(f"\n{'VERSION':>7}  {'ALIASES':<22} {'TRACED AS':<20} {'REGISTERED':<19}  SERVED BY")
+    for version in data["versions"]:
+        number = version.get("version")
+        named = ",".join(sorted(by_version.get(number, []))) or "-"
+        print(
+            f"{number:>7}  {named:<22} {version.get('trace_model') or '-':<20} "
+            f"{_when(version.get('registered_at')):<19}  {_served_by(version)}"
+        )
+        if version.get("metadata"):
+            meta = " ".join(f"{k}={v}" for k, v in sorted(version["metadata"].items()))
+            print(f"{'':>9}metadata {meta}")
+    for route in data.get("routes") or ():
+        refs = ", ".join(f"{role} {name}" for role, name in route.items() if role != "route")
+        print(f"\nroute {route['route']}: {refs}")
+    return 0
+
+
+def cmd_models_history(args: argparse.Namespace) -> int:
+    data = _model_answer(
+        args, _admin_call(args, "GET", _models_path(args.model, "history")), "history"
+    )
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{'#':>4}  {'TIME':<19}  {'ACTOR':<14} {'ACTION':<9} {'WHAT':<30} REASON")
+    for event in data["history"]:
+        action = event.get("action")
+        if action == "alias":
+            was = event.get("previous")
+            what = f"@{event.get('alias')} -> {event.get('version')}" + (
+                f" (was {was})" if was is not None else ""
+            )
+        elif action == "unalias":
+            what = f"@{event.get('alias')} cleared (was {event.get('previous')})"
+        else:
+            what = f"version {event.get('version')}"
+        print(
+            f"{event.get('seq', ''):>4}  {_when(event.get('at')):<19}  "
+            f"{event.get('actor', '')!s:<14} {action!s:<9} {what:<30} "
+            f"{event.get('reason') or '-'}"
+        )
+    return 0
+
+
+def _metadata(pairs: Sequence[str]) -> dict[str, Any]:
+    metadata: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise AdminError(f"gateway: --meta takes KEY=VALUE, got {pair!r}")
+        try:
+            metadata[key] = json.loads(value)  # numbers and booleans as such
+        except ValueError:
+            metadata[key] = value
+    return metadata
+
+
+def cmd_models_register(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"actor": _actor(), "metadata": _metadata(args.meta or ())}
+    if args.backend:
+        body["backend"] = args.backend
+    else:
+        from pydantic import ValidationError
+
+        from gateway.config import BackendConfig
+
+        try:
+            body["endpoints"] = BackendConfig(endpoints=args.url).urls
+        except ValidationError as error:
+            problem = error.errors()[0]["msg"].removeprefix("Value error, ")
+            raise AdminError(f"gateway: --url {problem}") from None
+    if args.version is not None:
+        body["version"] = int(_version_arg(args.version))
+    if args.trace_model:
+        body["model"] = args.trace_model
+    if args.reason:
+        body["reason"] = args.reason
+    data = _model_answer(
+        args, _admin_call(args, "POST", _models_path(args.model, "versions"), body), "version"
+    )
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{data['model']}: version {data['version']} registered ({_served_by(data)})")
+    return 0
+
+
+def cmd_models_alias(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"version": int(_version_arg(args.version)), "actor": _actor()}
+    if args.expect is not None:
+        body["expected_version"] = (
+            None if args.expect == "none" else int(_version_arg(args.expect))
+        )
+    if args.reason:
+        body["reason"] = args.reason
+    path = _models_path(args.model, "aliases", args.alias)
+    data = _model_answer(args, _admin_call(args, "PUT", path, body), "version")
+    if args.json:
+        _print_json(data)
+        return 0
+    was = data.get("previous")
+    print(
+        f"{args.model}@{args.alias} -> version {data['version']}"
+        + (f" (was {was})" if was is not None else " (new alias)")
+    )
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    before = _model_answer(
+        args, _admin_call(args, "GET", _models_path(args.model)), "aliases"
+    )["aliases"]
+    body = {"actor": _actor(), **({"reason": args.reason} if args.reason else {})}
+    data = _model_answer(
+        args, _admin_call(args, "POST", _models_path(args.model, "promote"), body), "aliases"
+    )
+    if args.json:
+        _print_json(data)
+        return 0
+    aliases = data["aliases"]
+    print(
+        f"{args.model}: champion -> version {aliases.get('champion')} "
+        f"(previous: {aliases.get('previous', before.get('champion')) or '-'}); "
+        "challenger cleared"
+    )
+    for route in data.get("routes") or ():
+        print(f"route {route}: challenger weight 0")
+    return 0
+
+
+def cmd_models_delete(args: argparse.Namespace) -> int:
+    version = _version_arg(args.version)
+    body = {"actor": _actor(), **({"reason": args.reason} if args.reason else {})}
+    data = _model_answer(
+        args, _admin_call(args, "DELETE", _models_path(args.model, "versions", version), body),
+        "deleted",
+    )  # fmt: skip
+    if args.json:
+        _print_json(data)
+        return 0
+    print(f"{args.model}: version {version} deleted")
+    return 0
+
+
+def _models_parser(commands: Any) -> None:
+    models = commands.add_parser(
+        "models",
+        help="the model version registry: versions, aliases, promotion",
+        description="The model version registry of a running gateway (kept in its state "
+        "store, shared by its replicas). Routes name registry versions as "
+        "model:NAME@ALIAS (or model:NAME@VERSION) and follow alias moves within a second.",
+    )
+    verbs = models.add_subparsers(dest="models_command", required=True, metavar="COMMAND")
+
+    def verb(name: str, help_text: str, description: str, func: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = verbs.add_parser(
+            name, help=help_text, description=description
+        )
+        parser.set_defaults(func=func)
+        return parser
+
+    def common(parser: argparse.ArgumentParser, *, reason: bool = False) -> None:
+        if reason:
+            parser.add_argument("--reason", help="why, for the model's history")
+        parser.add_argument("--json", action="store_true", help="the admin API's JSON")
+        _admin_options(parser)
+
+    common(verb("list", "every model, its versions and aliases",
+                "Every registered model: how many versions, the latest, its aliases.",
+                cmd_models_list))  # fmt: skip
+    show = verb("show", "a model's versions, aliases and the routes that use it",
+                "A model's versions (where each is served, its metadata), its aliases and "
+                "the routes that reference it.", cmd_models_show)  # fmt: skip
+    show.add_argument("model", help="the model's name")
+    common(show)
+    register = verb(
+        "register", "register a new version of a model",
+        "Register a version: served by a backend of the gateway's config (--backend) or "
+        "by URLs (--url, one or more). Versions are numbered 1, 2, ... unless --version "
+        "says which; a version never changes once registered (registering the same again "
+        "is fine, other content under its number is refused).", cmd_models_register,
+    )  # fmt: skip
+    register.add_argument("model", help="the model's name (A-Z a-z 0-9 _ . -)")
+    served = register.add_mutually_exclusive_group(required=True)
+    served.add_argument("--backend", metavar="NAME", help="a backend of the gateway's config")
+    served.add_argument(
+        "--url", nargs="+", action="extend", metavar="URL", help="where it is served"
+    )
+    register.add_argument("--version", metavar="N", help="its number (default: the next one)")
+    register.add_argument(
+        "--meta", nargs="+", action="extend", metavar="KEY=VALUE", help="free-form metadata"
+    )
+    register.add_argument(
+        "--trace-model", metavar="NAME",
+        help="the name its load is traced under (default: MODEL-vN)",
+    )  # fmt: skip
+    common(register, reason=True)
+    alias = verb(
+        "alias", "point an alias (champion, challenger, ...) at a version",
+        "Point an alias at a version. Routes that reference model:MODEL@ALIAS send new "
+        "requests there within a second, on every replica. With --expect the move "
+        "happens only if the alias still points where you expect.", cmd_models_alias,
+    )  # fmt: skip
+    alias.add_argument("model", help="the model's name")
+    alias.add_argument("alias", help="the alias (latest is not one: it is always the highest)")
+    alias.add_argument("version", help="the version it points at from now on")
+    alias.add_argument(
+        "--expect", metavar="VERSION",
+        help="refuse unless the alias points at VERSION now ('none': is not set)",
+    )  # fmt: skip
+    common(alias, reason=True)
+    promote = verb(
+        "promote", "make the challenger the champion",
+        "Promote a model's challenger: previous := the champion's version, champion := "
+        "the challenger's, challenger cleared; routes that serve the model by these "
+        "aliases send the challenger no traffic (weight 0). A running canary on such a "
+        "route ends as promoted. Undo it with gateway canary rollback ROUTE.",
+        cmd_models_promote,
+    )  # fmt: skip
+    promote.add_argument("model", help="the model's name")
+    common(promote, reason=True)
+    delete = verb(
+        "delete", "delete a version no alias points at",
+        "Delete a version. Refused while an alias points at it: move the alias first.",
+        cmd_models_delete,
+    )  # fmt: skip
+    delete.add_argument("model", help="the model's name")
+    delete.add_argument("version", help="the version's number")
+    common(delete, reason=True)
+    history = verb(
+        "history", "every registration, alias move and deletion, in order",
+        "A model's history: every registration, alias move and deletion, with its time, "
+        "actor and reason.", cmd_models_history,
+    )  # fmt: skip
+    history.add_argument("model", help="the model's name")
+    common(history)
+
+
 # --- arguments -----------------------------------------------------------------------------
 
 DESCRIPTION = (
     "A gateway for model servers: champion/challenger split, shadow comparison, canaries. "
-    "run and check take a config file; status, weight and canary talk to a running "
+    "run and check take a config file; status, weight, canary and models talk to a running "
     "gateway's admin API; demo starts a gateway in front of two built-in model servers."
 )
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
@@ -663,6 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
         verb.add_argument("route", help="the route's name")
         _admin_options(verb)
         verb.set_defaults(func=cmd_canary_command, action=action)
+    _models_parser(commands)
     return parser
 
 
