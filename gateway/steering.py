@@ -341,24 +341,37 @@ class Steering:
             return False
         return True
 
+    def promotion_problem(self, name: str) -> str | None:
+        """Why the route cannot be promoted (None: it can be, as far as its config goes).
+        A route by registry references is promoted by moving aliases: its champion and
+        challenger must be two aliases of one model."""
+        config = self._route(name).config
+        champion, challenger = config.champion, config.challenger
+        if not (is_reference(champion) or is_reference(challenger)):
+            return None
+        refs = [parse_reference(r) for r in (champion, challenger) if r and is_reference(r)]
+        if (
+            len(refs) == 2
+            and refs[0].model == refs[1].model
+            and refs[0].alias not in (None, LATEST)
+            and refs[1].alias not in (None, LATEST)
+        ):
+            return None
+        return (
+            f"route {name!r}: a promotion moves aliases, so champion and challenger must both "
+            f"be aliases of one model (model:NAME@champion, model:NAME@challenger), got "
+            f"{champion!r} and {challenger!r}"
+        )
+
     async def _move_aliases(self, route: RouteRuntime, actor: str, *, promote: bool) -> bool:
         """Promotion (or its undoing) of a route by registry references: the aliases
         move (gateway.registry.Registry.promote and demote), every replica follows them,
         and the weight goes to 0 here, the weight first as in ``promote``."""
+        problem = self.promotion_problem(route.name)
+        if problem is not None:
+            raise SteeringError(409, "not_promotable", problem)
         champion, challenger = route.config.champion, route.config.challenger
         refs = [parse_reference(r) for r in (champion, challenger) if r and is_reference(r)]
-        if (
-            len(refs) != 2
-            or refs[0].model != refs[1].model
-            or refs[0].alias in (None, LATEST)
-            or refs[1].alias in (None, LATEST)
-        ):
-            raise SteeringError(
-                409, "not_promotable",
-                f"route {route.name!r}: a promotion moves aliases, so champion and challenger "
-                f"must both be aliases of one model (model:NAME@champion, "
-                f"model:NAME@challenger), got {champion!r} and {challenger!r}",
-            )  # fmt: skip
         registry = self._registry
         if registry is None:
             raise StoreError("the model registry is not available")

@@ -506,6 +506,9 @@ class CanaryController:
                 raise CanaryError(
                     409, "no_challenger", f"route {canary.name!r} has no challenger to promote"
                 )
+            problem = self._steering.promotion_problem(canary.name)
+            if action is Action.PROMOTE and problem is not None:
+                raise CanaryError(409, "not_promotable", problem)
             return new
         except core.NotAllowed as refused:
             raise CanaryError(409, "canary_state", str(refused)) from None
