@@ -10,11 +10,14 @@ import aiohttp
 from gateway.app import Gateway
 
 
-def models_document(backends: dict[str, str], **route: Any) -> dict[str, Any]:
+def models_document(
+    backends: dict[str, str], *, state: dict[str, Any] | None = None, **route: Any
+) -> dict[str, Any]:
     """A gateway on free loopback ports with one route, ``r`` at ``/``, whose champion
     and challenger are ``model:iris@champion`` and ``model:iris@challenger`` unless
     ``route`` says otherwise."""
     return {
+        **({"state": state} if state is not None else {}),
         "server": {"host": "127.0.0.1", "port": 0},
         "admin": {"host": "127.0.0.1", "port": 0},
         "tracing": {"enabled": False},
