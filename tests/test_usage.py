@@ -142,8 +142,10 @@ def expected_counts(document: object) -> TokenCounts:
 _text = st.sampled_from(["usage", '"usage"', '"usage": {"prompt_tokens": 9}', "}", "\\", "x"])
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 10**6) | _text,
-    lambda inner: st.lists(inner, max_size=3)
-    | st.dictionaries(st.sampled_from(["usage", "a", "prompt_tokens", "x"]), inner, max_size=3),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.dictionaries(st.sampled_from(["usage", "a", "prompt_tokens", "x"]), inner, max_size=3)
+    ),
     max_leaves=8,
 )
 _counts = st.one_of(st.integers(-3, 10**9), st.none(), st.booleans(), st.just("5"), st.just(2.5))
@@ -284,3 +286,64 @@ def test_a_batch_reads_each_answer_in_order() -> None:
     ]
     assert usage_of_answers(batch) == [(12, 34), (5, 0), (0, 3), (1, 2), NO_USAGE, NO_USAGE]
     assert usage_of_answers([]) == []
+
+
+def openai_stream(tokens: int, prompt: int = 17) -> list[bytes]:
+    """An OpenAI chat stream event by event: every chunk says ``"usage":null``
+    (``stream_options.include_usage``), the last one before ``[DONE]`` has the counts."""
+    events = [
+        {"object": "chat.completion.chunk", "choices": [{"delta": {"content": f" t{i}"}}],
+         "usage": None}
+        for i in range(tokens)
+    ]  # fmt: skip
+    final = {"object": "chat.completion.chunk", "choices": [],
+             "usage": {"prompt_tokens": prompt, "completion_tokens": tokens,
+                       "total_tokens": prompt + tokens}}  # fmt: skip
+    return [b"data: " + orjson.dumps(e) + b"\n\n" for e in [*events, final]] + [b"data: [DONE]\n\n"]
+
+
+@pytest.mark.parametrize("tokens", [1, 30, 100, 2000])
+def test_long_event_stream_counts_exactly_and_keeps_a_few_kilobytes(tokens: int) -> None:
+    sniffer = UsageSniffer()
+    fed = 0
+    for event in openai_stream(tokens):
+        sniffer.feed(event)
+        fed += len(event)
+        assert sniffer.kept_bytes <= HEAD_BYTES + 200
+        if fed > HEAD_BYTES + 200:
+            # Past its head a stream keeps its tail alone.
+            assert sniffer.kept_bytes <= TAIL_BYTES + 200, sniffer.kept_bytes
+    assert sniffer.usage() == (17, tokens)
+
+
+@given(st.integers(0, 400), st.lists(st.integers(1, 700), min_size=1, max_size=60))
+@settings(max_examples=150, deadline=None)
+def test_any_chunking_of_an_event_stream(tokens: int, sizes: list[int]) -> None:
+    body = b"".join(openai_stream(tokens, prompt=5))
+    chunks, position, index = [], 0, 0
+    while position < len(body):
+        size = sizes[index % len(sizes)]
+        chunks.append(body[position : position + size])
+        position += size
+        index += 1
+    assert sniff(chunks) == (5, tokens)
+
+
+@pytest.mark.parametrize("at", range(HEAD_BYTES - 80, HEAD_BYTES, 3))
+def test_usage_across_the_end_of_the_head(at: int) -> None:
+    """A usage object that starts in the head and ends after it is read whole, also once
+    the tail has dropped bytes (as is one in the last TAIL_BYTES; one in between is not
+    looked for)."""
+    usage = b'"usage": {"prompt_tokens": 8, "completion_tokens": 9}'
+    start = b'{"a": "' + b"x" * (at - 9) + b'", '
+    body = start + usage + b', "b": "' + b"y" * 50_000 + b'"}'
+    assert body.index(b'"usage"') == at + 1
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+    assert sniff(chunks) == (8, 9)
+
+
+@pytest.mark.parametrize("at", range(HEAD_BYTES - 20, HEAD_BYTES + 20))
+def test_usage_key_cut_at_the_end_of_the_head_of_a_short_answer(at: int) -> None:
+    body = b'{"a": "' + b"x" * at + b'", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
+    chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
+    assert sniff(chunks) == (1, 2)

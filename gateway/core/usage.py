@@ -19,7 +19,7 @@ import msgspec
 import orjson
 
 HEAD_BYTES = 8 * 1024
-TAIL_BYTES = 16 * 1024
+TAIL_BYTES = 4 * 1024
 _USAGE_KEY = b'"usage"'
 
 # (prompt_tokens, completion_tokens). A plain tuple: it is made for every traced answer,
@@ -134,21 +134,44 @@ def usage_of_encoded(data: bytes, coding: str) -> TokenCounts:
 
 
 class _HeadAndTail:
-    __slots__ = ("_dropped", "_head", "_head_size", "_tail", "_tail_size")
+    """The head of a stream (its first HEAD_BYTES) and its tail (at least its last
+    TAIL_BYTES), as references to the chunks.
+
+    Once the head is complete it is read at once, and let go of unless a ``usage``
+    object is open at its end: an event stream (thousands of them open at a time) then
+    keeps only its tail, a few kilobytes, not head and tail. What the head held is kept as
+    its counts, and its last bytes move to the tail, so that a ``"usage"`` key across the
+    boundary is still found whole there; a ``usage`` object open at the head's end is
+    taken into the head whole."""
+
+    __slots__ = ("_dropped", "_head", "_head_counts", "_head_size", "_tail", "_tail_size")
 
     def __init__(self, first: bytes) -> None:
-        self._dropped = False
-        self._head: list[bytes] = [first]
+        self._dropped = False  # bytes were dropped from the tail's front
+        self._head: list[bytes] | None = [first]  # None once read and let go
+        self._head_counts: TokenCounts | None = None  # what the head held, then
         self._head_size = len(first)
         self._tail: deque[bytes] = deque()
         self._tail_size = 0
 
     def feed(self, chunk: bytes) -> None:
-        if self._head_size < HEAD_BYTES:
-            self._head.append(chunk)
-            self._head_size += len(chunk)
-            return
+        head = self._head
         tail = self._tail
+        if head is not None and not tail:
+            if self._head_size >= HEAD_BYTES:
+                # Complete: let go of it, unless a usage object is open at its end, which
+                # it then takes in whole (up to twice its size; after that, as before).
+                data = b"".join(head)
+                if not _open_usage(data):
+                    self._let_go_of_head(data)
+                elif self._head_size < 2 * HEAD_BYTES:
+                    head.append(chunk)
+                    self._head_size += len(chunk)
+                    return
+            else:
+                head.append(chunk)
+                self._head_size += len(chunk)
+                return
         tail.append(chunk)
         self._tail_size += len(chunk)
         # Drop whole chunks that no longer reach into the last TAIL_BYTES.
@@ -156,19 +179,48 @@ class _HeadAndTail:
             self._tail_size -= len(tail.popleft())
             self._dropped = True
 
+    def _let_go_of_head(self, data: bytes) -> None:
+        self._head_counts = find_usage(data)
+        self._head = None
+        # The head's last bytes start the tail (a key cut in two is found there).
+        overlap = data[-_OVERLAP_BYTES:]
+        self._tail.append(overlap)
+        self._tail_size = len(overlap)
+
     @property
     def kept_bytes(self) -> int:
-        return self._head_size + self._tail_size
+        return (self._head_size if self._head is not None else 0) + self._tail_size
 
     def usage(self) -> TokenCounts:
-        head = b"".join(self._head)
+        head = self._head
+        if head is None:
+            return find_usage(b"".join(self._tail)) or self._head_counts or NO_USAGE
+        joined = b"".join(head)
         if not self._tail:
-            return usage_of_answer(head)
+            return usage_of_answer(joined)
         tail = b"".join(self._tail)
         if not self._dropped:
             # head + tail is the whole answer: a usage object split between them counts.
-            return find_usage(head + tail) or NO_USAGE
-        return find_usage(tail) or find_usage(head) or NO_USAGE
+            return find_usage(joined + tail) or NO_USAGE
+        return find_usage(tail) or find_usage(joined) or NO_USAGE
+
+
+# Bytes of a let-go head that start the tail: more than a "usage" key with its spacing.
+_OVERLAP_BYTES = 64
+
+
+def _open_usage(data: bytes) -> bool:
+    """Whether ``data`` ends inside a ``"usage": {...}`` object (its last such key's)."""
+    position = data.rfind(_USAGE_KEY)
+    if position == -1:
+        return False
+    index = position + len(_USAGE_KEY)
+    length = len(data)
+    while index < length and data[index] in b" \t\r\n:":
+        index += 1
+    if index >= length:
+        return True  # the key at the very end: its value follows in the tail
+    return data[index] == 0x7B and _matching_brace(data, index) == -1
 
 
 # Up to this size an answer (a classifier's scores, a short completion) is decoded whole
