@@ -4,16 +4,18 @@ redis-server. No mocks: every assertion reads back what the store holds."""
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from gateway.registry import Registry, RegistryError
-from gateway.store import StateStore
+from gateway.store import StateStore, watch_revisions
 from gateway.store.embedded import EmbeddedStore
 from gateway.store.redis import RedisStore
 from tests.helpers.clock import FakeClock
+from tests.helpers.waiting import wait_until
 from tests.redis_fixtures import RedisServer, fast_client, private_redis  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
@@ -177,5 +179,116 @@ async def test_the_registry_outlives_a_restart_and_is_shared(
         resolved = await Registry(b).resolve("iris", "champion")
         assert resolved is not None and resolved.backend == "a"
     finally:
+        await a.close()
+        await b.close()
+
+
+async def test_concurrent_conditional_moves_exactly_the_non_conflicting_ones_win(
+    store: StateStore,
+) -> None:
+    registry = Registry(store)
+    for n in range(1, 4):
+        await registry.register("iris", version=n, backend=f"b{n}")
+    await registry.move_alias("iris", "champion", 1)
+
+    # 50 moves at once, each saying where it expects its alias: 25 of them move aliases
+    # of their own (a0..a24, expected unset): no conflict, every one must win; the other
+    # 25 all expect champion at 1: they conflict, exactly one may win.
+    async def move(alias: str, to: int, expected: int | None) -> tuple[str, bool]:
+        try:
+            await registry.move_alias("iris", alias, to, expected=expected, actor=alias)
+        except RegistryError as error:
+            assert error.code == "alias_changed"
+            return alias, False
+        return alias, True
+
+    moves = [move(f"a{i}", 1 + i % 3, None) for i in range(25)]
+    moves += [move("champion", 2 + i % 2, 1) for i in range(25)]
+    results = await asyncio.gather(*moves)
+    own = [won for alias, won in results if alias != "champion"]
+    contested = [won for alias, won in results if alias == "champion"]
+    assert all(own) and sum(contested) == 1
+
+    aliases = await registry.aliases("iris")
+    assert {a: v for a, v in aliases.items() if a != "champion"} == {
+        f"a{i}": 1 + i % 3 for i in range(25)
+    }
+    # No lost update: the history holds every winning move once, in the order of its
+    # numbers, and what each says it replaced is what the one before it set.
+    history = await registry.history("iris")
+    assert [h["seq"] for h in history] == list(range(1, len(history) + 1))
+    alias_moves = [h for h in history if h["action"] == "alias"]
+    assert len(alias_moves) == 1 + 25 + 1
+    champion_moves = [h for h in alias_moves if h["alias"] == "champion"]
+    assert [(m["previous"], m["version"]) for m in champion_moves] == [
+        (None, 1), (1, aliases["champion"]),
+    ]  # fmt: skip
+
+
+async def test_promote_and_demote_move_the_three_aliases(store: StateStore) -> None:
+    registry = Registry(store)
+    for n in (1, 2, 3):
+        await registry.register("iris", version=n, backend=f"b{n}")
+    await registry.move_alias("iris", "champion", 1)
+    await registry.move_alias("iris", "challenger", 2)
+    assert await registry.promote("iris", actor="alice") == (1, 2)
+    assert await registry.aliases("iris") == {"champion": 2, "previous": 1}
+    with pytest.raises(RegistryError) as error:
+        await registry.promote("iris")
+    assert refused(error) == (409, "no_challenger")
+    assert await registry.demote("iris", actor="bob") == (1, 2)
+    assert await registry.aliases("iris") == {"champion": 1, "challenger": 2}
+    with pytest.raises(RegistryError) as error:
+        await registry.demote("iris")
+    assert refused(error) == (409, "no_previous")
+    with pytest.raises(RegistryError) as error:
+        await registry.promote("unknown")
+    assert refused(error) == (404, "unknown_model")
+    # A deleted alias is cleared, and may point somewhere again.
+    await registry.delete_alias("iris", "challenger", expected=2)
+    with pytest.raises(RegistryError) as error:
+        await registry.move_alias("iris", "challenger", 3, expected=2)
+    assert refused(error) == (409, "alias_changed")
+    await registry.move_alias("iris", "challenger", 3, expected=None)
+    assert await registry.aliases("iris") == {"champion": 1, "challenger": 3}
+    moves = [(h.get("alias"), h["actor"]) for h in await registry.history("iris")][5:]
+    assert moves == [
+        ("champion", "alice"), ("previous", "alice"), ("challenger", "alice"),
+        ("champion", "bob"), ("challenger", "bob"), ("previous", "bob"),
+        ("challenger", "admin"), ("challenger", "admin"),
+    ]  # fmt: skip
+
+
+async def test_a_replica_sees_the_others_changes_within_a_second(
+    private_redis: RedisServer,  # noqa: F811
+) -> None:
+    """What a change made through one replica's store looks like from another one that
+    follows the store as the gateway does (its revision, polled): seen within 1 s."""
+    a = RedisStore(fast_client(private_redis.url), key_prefix="r:", owns_client=True)
+    b = RedisStore(fast_client(private_redis.url), key_prefix="r:", owns_client=True)
+    seen: list[tuple[float, dict[str, int]]] = []
+
+    async def follow() -> None:
+        async for _ in watch_revisions(b, interval=0.5):
+            seen.append((time.monotonic(), await Registry(b).aliases("iris")))
+
+    follower = asyncio.create_task(follow())
+    try:
+        await Registry(a).register("iris", backend="x")
+        await Registry(a).register("iris", backend="y")
+        for version in (1, 2, 1):
+            moved_at = time.monotonic()
+            await Registry(a).move_alias("iris", "champion", version)
+            at, _ = await wait_until(
+                lambda v=version, t=moved_at: next(
+                    (s for s in seen if s[0] >= t and s[1].get("champion") == v), None
+                ),
+                f"replica b seeing champion at {version}",
+                within=1.0,
+            )
+            assert at - moved_at < 1.0
+    finally:
+        follower.cancel()
+        await asyncio.gather(follower, return_exceptions=True)
         await a.close()
         await b.close()
