@@ -18,6 +18,7 @@ from gateway import config as config_module
 from gateway.app import Gateway
 from tests.helpers.ports import free_port
 from tests.helpers.raw import RawConnections
+from tests.redis_fixtures import require_redis
 
 # Modules whose tests run on uvloop's event loop as well as asyncio's: the gateway runs
 # on uvloop, and these test what depends on how a loop's transports behave.
@@ -47,6 +48,13 @@ def pytest_configure(config: pytest.Config) -> None:
     server = RedisServer(port)
     server.start()
     _SUITE_REDIS.append(server)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A test marked ``redis`` (one that needs a Redis without asking for one through a
+    fixture of tests/redis_fixtures.py) is skipped where there is none."""
+    if item.get_closest_marker("redis") is not None:
+        require_redis()
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

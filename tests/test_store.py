@@ -25,13 +25,14 @@ from tests.redis_fixtures import (  # noqa: F401  (fixtures)
 
 @pytest.fixture(params=["embedded", "redis"])
 async def store(
-    request: pytest.FixtureRequest, tmp_path: Path, redis_prefix: str  # noqa: F811
+    request: pytest.FixtureRequest, tmp_path: Path
 ) -> AsyncIterator[StateStore]:
     s: StateStore
     if request.param == "embedded":
         s = EmbeddedStore(tmp_path / "state.db")
-    else:
-        s = RedisStore(fast_client(SHARED_REDIS_URL), key_prefix=redis_prefix, owns_client=True)
+    else:  # asked for here, so that only the Redis cases need one (tests/conftest.py)
+        prefix = request.getfixturevalue("redis_prefix")
+        s = RedisStore(fast_client(SHARED_REDIS_URL), key_prefix=prefix, owns_client=True)
     yield s
     await s.close()
 

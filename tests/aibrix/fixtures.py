@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.aibrix.loader import load_reader_module
-from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix
+from tests.redis_fixtures import SHARED_REDIS_URL, delete_prefix, require_redis
 
 
 @pytest.fixture(scope="module")
@@ -23,6 +23,7 @@ def load_reader() -> types.ModuleType:
 def aibrix_model() -> Iterator[str]:
     """The reader hard-codes the ``aibrix:`` key prefix on the shared Redis: a model name
     nobody else uses, whose trace keys are deleted after the test."""
+    require_redis()
     name = f"gwtest-{uuid.uuid4().hex[:12]}"
     yield name
     delete_prefix(SHARED_REDIS_URL, f"aibrix:{name}_request_trace_*")
