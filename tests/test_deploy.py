@@ -41,12 +41,6 @@ KUBERNETES = DEPLOY / "kubernetes"
 KUBERNETES_VERSION = "1.30.0"  # the oldest release still maintained upstream in 2025
 # Labels Prometheus adds to every scraped series.
 TARGET_LABELS = {"job", "instance"}
-# A metric of the binding metric contract that the dashboard uses while the work adding it
-# to the gateway (edge limits) lands: accepted with these labels until gateway.metrics
-# exports it, checked against the export after (and then this can go).
-AHEAD: dict[str, set[str]] = {
-    "gateway_requests_rejected_total": {"reason"},
-}
 
 
 # --- the metrics the gateway exports -------------------------------------------------------
@@ -70,7 +64,7 @@ def exported() -> dict[str, set[str]]:
             names[f"{name}_sum"] = names[f"{name}_count"] = labels
         else:
             names[name] = labels
-    return {**AHEAD, **names}
+    return names
 
 
 _FUNCTIONS = {
