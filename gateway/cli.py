@@ -790,7 +790,7 @@ def _models_parser(commands: Any) -> None:
     register = verb(
         "register", "register a new version of a model",
         "Register a version: served by a backend of the gateway's config (--backend) or "
-        "by URLs (--url, one or more). Versions are numbered 1, 2, ... unless --version "
+        "by URLs (--url, one or more). Versions are numbered from 1 on, unless --version "
         "says which; a version never changes once registered (registering the same again "
         "is fine, other content under its number is refused).", cmd_models_register,
     )  # fmt: skip
