@@ -233,7 +233,7 @@ class Gateway:
         await services.enter_async_context(self.steering.synced(self.store))
         moves = self.metrics.registry_alias_moves
         self.registry = Registry(self.store, on_move=lambda m, a: moves.labels(m, a).inc())
-        await services.enter_async_context(self.references.running(self.store, self.registry))
+        await services.enter_async_context(self.references.running(self.registry))
         await services.enter_async_context(self.controller.running(self.store))
         self.tracer = await services.enter_async_context(self._tracing())
         # One batch for both sides: a pass's answers and backend requests go out together.

@@ -2,11 +2,12 @@
 to, followed as the registry changes.
 
 ``References`` reads the registry only off the request path: at start, after a reload,
-after a change this process made, and whenever the state store's revision moves (polled
-every ``POLL_SECONDS``, so an alias moved through any replica is followed within a
-second). It hands the result to ``gateway.steering``, the one writer of the routes' live
-state, which points the lanes at the new pools: the next request goes to the new version,
-those in flight finish where they started (they hold their pool).
+after a change this process made, and whenever the state store's revision moves (the
+poll ``gateway.steering`` runs anyway, every 250 ms: no extra store call while nothing
+changes, and an alias moved through any replica is followed within a second). It hands
+the result to ``gateway.steering``, the one writer of the routes' live state, which
+points the lanes at the new pools: the next request goes to the new version, those in
+flight finish where they started (they hold their pool).
 
 A version is served by a pool: the config's, when it names a ``backend``, or one built
 for it from its ``url``/``endpoints``, made when a reference first resolves to it and
@@ -28,7 +29,7 @@ from gateway.core.reference import Reference, parse_reference
 from gateway.metrics import Metrics
 from gateway.registry import LATEST, Registry, Version
 from gateway.runtime import Runtime
-from gateway.store import StateStore, StoreError
+from gateway.store import StoreError
 from gateway.upstream import BackendPool
 from gateway.upstream.unresolved import unresolved_pool
 
@@ -36,9 +37,6 @@ if TYPE_CHECKING:
     from gateway.steering import Steering
 
 log = logging.getLogger("gateway.references")
-
-POLL_SECONDS = 0.5
-
 
 @dataclass(frozen=True, slots=True, eq=False)
 class Resolution:
@@ -82,12 +80,10 @@ class References:
         steering: Steering,
         metrics: Metrics,
         *,
-        poll_seconds: float = POLL_SECONDS,
         on_challenger_moved: Callable[[str], None] | None = None,
     ) -> None:
         self._steering = steering
         self._metrics = metrics
-        self._poll_seconds = poll_seconds
         self._on_challenger_moved = on_challenger_moved
         self._references: dict[str, Reference] = {}
         self._pools: Mapping[str, BackendPool] = {}
@@ -216,42 +212,17 @@ class References:
         self._gauged = now
 
     @contextlib.asynccontextmanager
-    async def running(self, store: StateStore, registry: Registry) -> AsyncIterator[None]:
-        """Follow the registry in ``store`` while in the block."""
+    async def running(self, registry: Registry) -> AsyncIterator[None]:
+        """Follow the registry while in the block: read now, and again whenever
+        steering's watch of the store sees its revision move."""
         self._registry = registry
         self._steering.attach_registry(registry, self.refresh)
         try:
             await self.refresh()
         except StoreError as error:
             log.warning("cannot read the model registry at start: %s", error)
-        follower = asyncio.create_task(self._follow(store), name="registry-follow")
         try:
             yield
         finally:
-            follower.cancel()
-            await asyncio.gather(follower, return_exceptions=True)
             self._steering.attach_registry(None, None)
             self._registry = None
-
-    async def _follow(self, store: StateStore) -> None:
-        """Refresh whenever the store's revision moves (and again after a failed pass)."""
-        applied: int | None = None
-        failing = False
-        while True:
-            try:
-                revision = await store.revision()
-                if (revision != applied or failing) and self._references:
-                    await self.refresh()
-                    if failing:
-                        log.info("model registry readable again")
-                    failing = False
-                applied = revision
-            except StoreError as error:
-                if not failing:
-                    log.warning("cannot read the model registry: %s", error)
-                failing = True
-            except Exception:  # following must outlive any one bad pass
-                if not failing:
-                    log.exception("following the model registry failed")
-                failing = True
-            await asyncio.sleep(self._poll_seconds)

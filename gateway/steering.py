@@ -577,6 +577,8 @@ class Steering:
                 revision = await self._store.revision()
                 if revision != applied or failing:
                     await self.restore()
+                    if self._reresolve is not None:
+                        await self._reresolve()  # the registry's aliases (references.py)
                     applied = revision
                     if failing:
                         log.info("runtime state from the state store applied again")
