@@ -3,8 +3,11 @@ gateway with its embedded store, against real loopback upstreams."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
+import yaml
 
 from gateway.app import Gateway
 from tests.conftest import StartApp, StartGateway
@@ -311,3 +314,40 @@ async def test_promotion_needs_aliases_of_one_model(
     assert (await call(http, "GET", url))[1]["aliases"] == {"champion": 1}
     view = (await call(http, "GET", admin(gateway, "/routes/r/canary")))[1]
     assert view["state"] == "progressing" and gateway.routes["r"].weight == 0.5
+
+
+async def test_a_reload_keeps_references_resolved(
+    start_gateway: StartGateway,
+    upstreams: dict[str, str],
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    document = models_document({"v1": upstreams["v1"], "v2": upstreams["v2"]}, challenger=None)
+    document["state"] = {"path": str(tmp_path / "state.db")}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(document))
+    gateway = await start_gateway(document, config_path=path)
+    url = admin(gateway, "/models/iris")
+    await call(http, "POST", url + "/versions", {"backend": "v1"})
+    await call(http, "POST", url + "/versions", {"url": upstreams["v3"]})
+    await call(http, "PUT", url + "/aliases/champion", {"version": 1})
+    await call(http, "PUT", url + "/aliases/challenger", {"version": 2})
+    kept = gateway.routes["r"]
+
+    # A reload that leaves the route as it was keeps it, resolved.
+    await gateway.reload()
+    assert gateway.routes["r"] is kept and await served_by(http, gateway) == "v1"
+    # One that adds a challenger by reference resolves it before the route serves.
+    route = document["routes"][0]
+    route["challenger"] = "model:iris@challenger"
+    route["split"] = {"challenger_weight": 1.0}
+    path.write_text(yaml.safe_dump(document))
+    await gateway.reload()
+    assert {await served_by(http, gateway, f"k{i}") for i in range(10)} == {"v3"}
+    # And one that goes back to plain backends lets go of the version's pool.
+    route["champion"], route["challenger"] = "v2", "v1"
+    route["split"] = {"challenger_weight": 0.0}
+    path.write_text(yaml.safe_dump(document))
+    await gateway.reload()
+    assert await served_by(http, gateway) == "v2"
+    assert gateway.references._own == {} and gateway.references.resolutions == {}
