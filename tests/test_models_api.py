@@ -351,3 +351,20 @@ async def test_a_reload_keeps_references_resolved(
     await gateway.reload()
     assert await served_by(http, gateway) == "v2"
     assert gateway.references._own == {} and gateway.references.resolutions == {}
+
+
+async def test_traces_name_each_version(
+    start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
+) -> None:
+    document = models_document({"v1": upstreams["v1"]}, split={"challenger_weight": 0.5})
+    document["tracing"] = {"enabled": True}
+    gateway = await start_gateway(document)
+    url = admin(gateway, "/models/iris")
+    await call(http, "POST", url + "/versions", {"backend": "v1"})  # traced as iris-v1
+    await call(http, "POST", url + "/versions", {"url": upstreams["v3"], "model": "iris-big"})
+    await call(http, "PUT", url + "/aliases/champion", {"version": 1})
+    await call(http, "PUT", url + "/aliases/challenger", {"version": 2})
+    assert {await served_by(http, gateway, f"k{i}") for i in range(30)} == {"v1", "v3"}
+    status, traces = await call(http, "GET", admin(gateway, "/traces"))
+    assert status == 200
+    assert {t["model"] for t in traces["models"]} == {"iris-v1", "iris-big"}
