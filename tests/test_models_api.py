@@ -3,15 +3,17 @@ gateway with its embedded store, against real loopback upstreams."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
+from aiohttp import web
 
 from gateway.app import Gateway
 from tests.conftest import StartApp, StartGateway
-from tests.helpers.apps import named_app
+from tests.helpers.apps import catch_all_app, named_app
 from tests.helpers.waiting import wait_until
 from tests.models_support import admin, call, models_document, proxy, served_by
 
@@ -368,3 +370,28 @@ async def test_traces_name_each_version(
     status, traces = await call(http, "GET", admin(gateway, "/traces"))
     assert status == 200
     assert {t["model"] for t in traces["models"]} == {"iris-v1", "iris-big"}
+
+
+async def test_a_request_in_flight_finishes_where_it_started(
+    start_app: StartApp, start_gateway: StartGateway, http: aiohttp.ClientSession
+) -> None:
+    arrived, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: web.Request) -> web.Response:
+        arrived.set()
+        await release.wait()
+        return web.json_response({"backend": "slow"})
+
+    upstreams = {"slow": await start_app(catch_all_app(slow)),
+                 "fast": await start_app(named_app("fast"))}  # fmt: skip
+    gateway = await start_gateway(models_document(upstreams, challenger=None))
+    url = admin(gateway, "/models/iris")
+    await call(http, "POST", url + "/versions", {"backend": "slow"})
+    await call(http, "POST", url + "/versions", {"backend": "fast"})
+    await call(http, "PUT", url + "/aliases/champion", {"version": 1})
+    in_flight = asyncio.create_task(served_by(http, gateway, "first"))
+    await asyncio.wait_for(arrived.wait(), 5)
+    await call(http, "PUT", url + "/aliases/champion", {"version": 2})
+    assert await served_by(http, gateway, "next") == "fast"
+    release.set()
+    assert await in_flight == "slow"
