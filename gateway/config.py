@@ -30,7 +30,7 @@ from pydantic_core import ErrorDetails
 from yarl import URL
 
 from gateway.core.paths import BadPath, normalise_path
-from gateway.core.reference import Reference, is_reference, parse_reference
+from gateway.core.reference import Reference, is_reference, parse_reference, promotable
 from gateway.core.split import weight_problem
 
 
@@ -652,6 +652,12 @@ def semantic_problems(config: GatewayConfig) -> list[str]:
         if route.canary is not None:
             if route.challenger is None:
                 problems.append(f"{where}.canary: needs a challenger to ramp up, got none")
+            if route.canary.auto_promote and not promotable(route.champion, route.challenger):
+                problems.append(
+                    f"{where}.canary.auto_promote: a promotion of a route by registry "
+                    "references moves aliases, so champion and challenger must be two "
+                    "aliases of one model (model:NAME@champion, model:NAME@challenger)"
+                )
             if route.canary.min_shadow_agreement is not None and route.shadow is None:
                 problems.append(
                     f"{where}.canary.min_shadow_agreement: needs the route's shadow section"

@@ -34,11 +34,11 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mappin
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.core.reference import is_reference, parse_reference
+from gateway.core.reference import is_reference, parse_reference, promotable
 from gateway.core.split import threshold, weight_problem
 from gateway.metrics import Metrics
 from gateway.pipeline.rewrite import rewrite_for
-from gateway.registry import LATEST, Registry, RegistryError
+from gateway.registry import Registry, RegistryError
 from gateway.runtime import RouteRuntime, Runtime
 from gateway.store import StateStore, StoreError
 from gateway.store.base import DEFAULT_POLL_SECONDS
@@ -347,15 +347,7 @@ class Steering:
         challenger must be two aliases of one model."""
         config = self._route(name).config
         champion, challenger = config.champion, config.challenger
-        if not (is_reference(champion) or is_reference(challenger)):
-            return None
-        refs = [parse_reference(r) for r in (champion, challenger) if r and is_reference(r)]
-        if (
-            len(refs) == 2
-            and refs[0].model == refs[1].model
-            and refs[0].alias not in (None, LATEST)
-            and refs[1].alias not in (None, LATEST)
-        ):
+        if promotable(champion, challenger):
             return None
         return (
             f"route {name!r}: a promotion moves aliases, so champion and challenger must both "

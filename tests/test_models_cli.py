@@ -261,3 +261,18 @@ def test_bad_references_are_config_errors(reference: str, problem: str) -> None:
     with pytest.raises(config_module.ConfigError) as error:
         config_module.parse(document, environ={})
     assert any(p.startswith(problem) for p in error.value.problems), error.value.problems
+
+
+def test_auto_promote_needs_a_promotable_route() -> None:
+    document = {
+        "backends": {"v1": {"url": "http://127.0.0.1:8001"}},
+        "routes": [
+            {"name": "r", "match": {"path_prefix": "/"}, "champion": "model:iris@champion",
+             "challenger": "model:iris@7", "canary": {"steps": [0.5], "auto_promote": True}},
+        ],
+    }  # fmt: skip
+    with pytest.raises(config_module.ConfigError) as error:
+        config_module.parse(document, environ={})
+    assert error.value.problems[0].startswith("routes[0].canary.auto_promote: a promotion")
+    document["routes"][0]["challenger"] = "model:iris@challenger"  # type: ignore[index]
+    config_module.parse(document, environ={})

@@ -53,3 +53,23 @@ def parse_reference(text: str) -> Reference:
     if selector.isdigit() and int(selector) < 1:
         raise ValueError(f"versions start at 1, got {text!r}")
     return Reference(found["model"], selector)
+
+
+def promotable(champion: str, challenger: str | None) -> bool:
+    """Whether a route that names the registry can be promoted: a promotion moves aliases,
+    so its champion and challenger must be two aliases of one model (not a version
+    number, not ``latest``). Routes of plain backends always can."""
+    named = [n for n in (champion, challenger) if n is not None and is_reference(n)]
+    if not named:
+        return True
+    if len(named) != 2:
+        return False
+    try:
+        first, second = (parse_reference(n) for n in named)
+    except ValueError:
+        return False
+    return (
+        first.model == second.model
+        and first.alias not in (None, "latest")
+        and second.alias not in (None, "latest")
+    )
