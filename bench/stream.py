@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gateway_configs, nginx
-from bench.context import _http_ok, _redis_ping, gateway_command, redis_take_keys
+from bench.context import _http_ok, _redis_ping, redis_take_keys
 from bench.gateway_configs import REQUEST_PATH, Feature, Listen
 from bench.procs import (
     Child,
@@ -58,12 +58,13 @@ from bench.procs import (
     tcp_open,
 )
 
-TARGETS = ("direct", "baseline", "nginx", "gateway")
+TARGETS = ("direct", "baseline", "nginx", "gateway", "reference")
 LABELS = {
     "direct": "upstream direct",
     "baseline": "minimal aiohttp proxy",
     "nginx": "nginx (1 worker, buffering off)",
     "gateway": "gateway",
+    "reference": "gateway, --reference code",
 }
 
 
@@ -147,12 +148,12 @@ class Bench:
                 f"nginx{self.serial}", [binary, *nginx.prepare(prefix, config)], cpus=cpus
             )
         else:
-            child, ready = self._start_gateway(port, cpus)
+            child, ready = self._start_gateway(port, cpus, name == "reference")
         self.children.wait_ready(child, ready)
         return Proxy(name, f"http://127.0.0.1:{port}{REQUEST_PATH}", child)
 
     def _start_gateway(
-        self, port: int, cpus: tuple[int, ...] | None
+        self, port: int, cpus: tuple[int, ...] | None, reference: bool = False
     ) -> tuple[Child, Callable[[], bool]]:
         feature = Feature.TRACES if self.redis_ok else Feature.SPLIT
         admin_port = free_port()
@@ -172,11 +173,16 @@ class Bench:
         config = gateway_configs.write(
             document, self.children.workdir / f"gateway{self.serial}.yaml"
         )
+        env = bench_env()
+        if reference:
+            # Another checkout's gateway package (git worktree add /tmp/ref COMMIT).
+            env["PYTHONPATH"] = os.pathsep.join([str(self.args.reference), env["PYTHONPATH"]])
         child = self.children.start(
             f"gateway{self.serial}",
-            [*gateway_command(), "run", "-c", str(config)],
+            # -P: not the current directory first on sys.path, so PYTHONPATH decides.
+            [sys.executable, "-P", "-m", "gateway.cli", "run", "-c", str(config)],
             cpus=cpus,
-            env=bench_env(),
+            env=env,
         )
         return child, lambda: _http_ok(f"http://127.0.0.1:{admin_port}/readyz")
 
@@ -408,9 +414,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--reference",
+        type=Path,
+        default=None,
+        help="a checkout of other code: its gateway runs beside this one (target 'reference')",
+    )
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     targets = [t for t in TARGETS if t in args.only.split(",")]
+    if args.reference is not None and "reference" not in targets:
+        targets.append("reference")
+    if args.reference is None and "reference" in targets:
+        targets.remove("reference")
     if "nginx" in targets and nginx.nginx_binary() is None:
         print("nginx is not installed: skipped", file=sys.stderr)
         targets.remove("nginx")

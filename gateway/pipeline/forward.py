@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TypeGuard
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
 
@@ -546,25 +549,27 @@ class Forwarder:
                 # chunks (an LLM thinking), the upstream connection is closed at once,
                 # not when the next chunk finds nobody to write to.
                 watched = watch_client(request, upstream.close)
-                if not traced and copy is None:
-                    async for chunk in upstream.chunks():
-                        await response.write(chunk)
-                    await response.write_eof()
-                else:
-                    usage: UsageSniffer | DecodingUsageSniffer | None = None
-                    if traced:
-                        usage = UsageSniffer() if coding is None else DecodingUsageSniffer(coding)
-                    try:
+                usage: UsageSniffer | DecodingUsageSniffer | None = None
+                if traced:
+                    usage = UsageSniffer() if coding is None else DecodingUsageSniffer(coding)
+                writer = response._payload_writer
+                try:
+                    if _plain_chunked(writer):
+                        # The usual stream (an LLM's tokens): each chunk framed and handed
+                        # to the transport here, in one write, rather than through two
+                        # coroutines and a join of three pieces per chunk in aiohttp.
+                        await _relay_chunked(upstream, writer, usage, copy)
+                    else:
                         async for chunk in upstream.chunks():
                             await response.write(chunk)
                             if usage is not None:
                                 usage.feed(chunk)
                             if copy is not None:
                                 copy.feed(chunk)
-                    finally:
-                        if usage is not None:
-                            exchange.tokens = usage.usage()
-                    await response.write_eof()
+                finally:
+                    if usage is not None:
+                        exchange.tokens = usage.usage()
+                await response.write_eof()
             complete = True
         except TimeoutError as error:
             # Headers are gone already; all we can do is cut the connection so the
@@ -599,6 +604,62 @@ class Forwarder:
                 watch_client(request, None)
         exchange.finished = record.count(metrics, upstream.status, exchange.started)
         return response, complete
+
+
+def _plain_chunked(writer: AbstractStreamWriter | None) -> TypeGuard[StreamWriter]:
+    """Whether the answer goes out as aiohttp's StreamWriter sends a chunked body with
+    nothing in between (no compression, no declared length, no per-chunk hook): then
+    ``_relay_chunked`` may frame the chunks itself."""
+    return (
+        type(writer) is StreamWriter
+        and writer.chunked
+        and writer.length is None
+        and writer._compress is None
+        and writer._on_chunk_sent is None
+        and writer.on_body_write is None
+        and writer._headers_written
+    )
+
+
+async def _relay_chunked(
+    upstream: UpstreamResponse,
+    writer: StreamWriter,
+    usage: UsageSniffer | DecodingUsageSniffer | None,
+    copy: BoundedCopy | None,
+) -> None:
+    """What ``StreamResponse.write`` does for each chunk of a plain chunked answer, done
+    from the upstream connection's callback as each chunk arrives (``pipe``): the chunk
+    in its frame, in one write to the client's transport (which holds it to the end of
+    the loop pass, writes.py), read for the trace and copied for the shadow. While that
+    transport is above its high-water mark the backend is not read, so a client that
+    reads slowly slows the backend; one gone raises ConnectionResetError, as aiohttp's
+    write would."""
+    protocol = writer.protocol
+    sent = 0
+
+    def sink(chunk: bytes) -> bool:
+        nonlocal sent
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            return False  # drain() raises
+        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        sent += len(chunk)
+        if usage is not None:
+            usage.feed(chunk)
+        if copy is not None:
+            copy.feed(chunk)
+        return not protocol._paused
+
+    async def drain() -> None:
+        transport = protocol.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("Cannot write to closing transport")
+        await writer.drain()
+
+    try:
+        await upstream.pipe(sink, drain)
+    finally:
+        writer.output_size += sent  # the response's body_length, as aiohttp counts it
 
 
 def _forget(error: BaseException | None) -> None:

@@ -20,7 +20,7 @@ import asyncio
 import enum
 import ssl as ssl_module
 from collections import deque
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Final, cast
 
@@ -139,6 +139,8 @@ class _Exchange:
         "raw_headers",
         "reason",
         "reusable",
+        "sink",
+        "sink_error",
         "status",
         "waiter",
     )
@@ -165,6 +167,10 @@ class _Exchange:
         self.got_bytes = False
         self.error: BaseException | None = None  # why the exchange broke, if it did
         self.waiter: asyncio.Future[None] | None = None  # a reader waiting for body
+        # Takes the body as it arrives, from on_body (UpstreamResponse.pipe); returns
+        # False when its receiver is full. What it raised, for the reader to raise.
+        self.sink: Callable[[bytes], bool] | None = None
+        self.sink_error: Exception | None = None
 
     def wake(self) -> None:
         """Let a reader waiting in ``UpstreamResponse.chunks()`` look again."""
@@ -307,6 +313,21 @@ class _Connection(asyncio.Protocol):
         exchange = self.exchange
         if exchange.head_request:
             return
+        sink = exchange.sink
+        if sink is not None:
+            # Piped: handed on here, with no task switch per chunk (see pipe()).
+            try:
+                more = sink(body)
+            except Exception as error:  # the receiving side's failure, not the backend's
+                exchange.sink = None
+                exchange.sink_error = error
+                more = False
+            if not more:
+                if not self.reading_paused and self.transport:
+                    self.transport.pause_reading()
+                    self.reading_paused = True
+                exchange.wake()  # the reader waits for the receiver to take more
+            return
         exchange.chunks.append(body)
         exchange.buffered += len(body)
         if exchange.buffered > HIGH_WATER and not self.reading_paused and self.transport:
@@ -399,6 +420,13 @@ class _Connection(asyncio.Protocol):
             self._deadline = self.loop.time() + self.read_timeout
         return chunk
 
+    def resume(self) -> None:
+        """Read again after a pause for a piped receiver that was full (see pipe())."""
+        if self.reading_paused and self.transport:
+            self.reading_paused = False
+            self.transport.resume_reading()
+            self._deadline = self.loop.time() + self.read_timeout
+
     async def wait_data(self, exchange: _Exchange) -> None:
         waiter = exchange.waiter = self.loop.create_future()
         try:
@@ -488,6 +516,38 @@ class UpstreamResponse:
                 raise exchange.error
             conn.arm_timer()
             await conn.wait_data(exchange)
+
+    async def pipe(
+        self, sink: Callable[[bytes], bool], drain: Callable[[], Awaitable[None]]
+    ) -> None:
+        """The body, chunk by chunk as it arrives, to ``sink``, called from the
+        connection's own callback: no future, no task switch and no generator step per
+        chunk, which is most of what relaying a small chunk (a token) costs in Python.
+        ``sink`` returns False when its receiver is full: reading from the backend stops
+        until ``drain()`` returns (which raises, should the receiver be gone). Returns
+        at the end of the answer; raises as ``chunks()`` does. ``sink`` must not block."""
+        conn = self._conn
+        exchange = self._exchange
+        while exchange.chunks:  # what came before
+            if not sink(conn.take_chunk(exchange)):
+                await drain()
+        exchange.sink = sink
+        try:
+            while True:
+                if exchange.sink_error is not None:
+                    raise exchange.sink_error
+                if exchange.complete:
+                    return
+                if exchange.error is not None:
+                    raise exchange.error
+                if conn.reading_paused:
+                    await drain()
+                    conn.resume()
+                    continue
+                conn.arm_timer()
+                await conn.wait_data(exchange)
+        finally:
+            exchange.sink = None
 
     def release(self) -> None:
         """Done with the answer: a complete keep-alive exchange returns the connection."""
