@@ -154,6 +154,13 @@ class Steering:
         self._locks: dict[str, str] = {}  # route -> the actor that alone may set its weight
         self._actors: dict[str, str] = {}  # route -> who set its runtime weight
         self._store: StateStore | None = None
+        # Changes made here, numbered: a restore whose read of the store began before a
+        # route's last change here leaves that route alone (see restore).
+        self._changes = 0
+        self._changed: dict[str, int] = {}  # route -> the number of its last change here
+        # Records of changes made here that the store did not take (it was down): written
+        # before anything is read from it again, so that it does not undo them.
+        self._unsaved: dict[str, tuple[str, dict[str, Any] | None]] = {}  # key -> route, record
         # Registry references (gateway.references): what each resolves to now, the
         # registry a promotion moves aliases in, and how to re-resolve after it did.
         self._resolved: Mapping[str, Resolution] = {}
@@ -267,10 +274,7 @@ class Steering:
         if weight_problem(weight, route.has_challenger) is not None:
             raise SteeringError(409, "no_challenger", f"route {name!r} has no challenger")
         assert isinstance(weight, int | float)
-        override = Override(float(weight), route.config.split.challenger_weight)
-        self._overrides[name] = override
-        self._actors[name] = actor
-        self._apply(route, override.weight)
+        override = self._set_override(route, float(weight), actor)
         log.info("route %s: challenger weight set to %g by %s", name, override.weight, actor)
         return route, await self._put(name, weight_key(name), override.record(actor))
 
@@ -330,16 +334,10 @@ class Steering:
         self._actors.pop(name, None)
         if route is None:
             return False
+        self._changed_here(name)
         self._apply(route, self._file_weight(route))
         log.info("route %s: back to the file's weight, by %s", name, actor)
-        if self._store is None:
-            return False
-        try:
-            await self._store.delete(weight_key(name))
-        except StoreError as error:
-            log.warning("route %s: change not persisted: %s", name, error)
-            return False
-        return True
+        return await self._put(name, weight_key(name), None)
 
     def promotion_problem(self, name: str) -> str | None:
         """Why the route cannot be promoted (None: it can be, as far as its config goes).
@@ -401,7 +399,12 @@ class Steering:
         self._overrides[route.name] = override
         self._actors[route.name] = actor
         self._apply(route, weight)
+        self._changed_here(route.name)
         return override
+
+    def _changed_here(self, name: str) -> None:
+        self._changes += 1
+        self._changed[name] = self._changes
 
     def _route(self, name: str) -> RouteRuntime:
         route = self._routes.get(name)
@@ -493,26 +496,55 @@ class Steering:
             await asyncio.gather(follower, return_exceptions=True)
             self._store = None
 
-    async def _put(self, name: str, key: str, record: dict[str, Any]) -> bool:
+    async def _put(self, name: str, key: str, record: dict[str, Any] | None) -> bool:
+        """Store a change made here (``None``: delete the record); returns whether the
+        store took it. If not, it is written once the store is back (_save_unsaved)."""
         if self._store is None:
             return False
+        self._unsaved.pop(key, None)  # this change replaces any older one not written
         try:
-            await self._store.put(key, record)
+            await self._write(key, record)
         except StoreError as error:
-            log.warning("route %s: change not persisted: %s", name, error)
+            log.warning("route %s: change not stored yet (retried): %s", name, error)
+            self._unsaved[key] = (name, record)
             return False
         return True
+
+    async def _write(self, key: str, record: dict[str, Any] | None) -> None:
+        assert self._store is not None
+        if record is None:
+            await self._store.delete(key)
+        else:
+            await self._store.put(key, record)
+
+    async def _save_unsaved(self) -> None:
+        """Write the changes the store missed while it was down, before anything is read
+        from it again (which would undo them: an emergency brake pulled during an outage
+        must hold once the store is back). Raises StoreError while it is still down."""
+        for key, (name, record) in list(self._unsaved.items()):
+            await self._write(key, record)
+            if self._unsaved.get(key) == (name, record):  # not replaced meanwhile
+                del self._unsaved[key]
+            log.info("route %s: a change made while the state store was down is stored", name)
 
     async def restore(self) -> int:
         """Apply the stored state; returns how many routes changed. Records the file has
         overruled since are deleted, so a later revert of the file cannot revive them."""
         if self._store is None:
             return 0
+        await self._save_unsaved()
+        read_from = self._changes
         entries = await self._store.scan_prefix(PREFIX)
+        # A route changed here while the store was being read (the emergency brake, a
+        # promotion) keeps that change: what was read of it may predate it, and would
+        # undo it until the next pass. The change's own write moves the store's revision,
+        # so the next pass reads it back.
+        newer = {name for name, change in self._changed.items() if change > read_from}
         records: dict[str, dict[str, Mapping[str, Any]]] = {}
         for entry in entries:
             name, _, kind = entry.key[len(PREFIX) :].rpartition("/")
-            records.setdefault(kind, {})[name] = entry.value
+            if name not in newer:
+                records.setdefault(kind, {})[name] = entry.value
         changed: set[str] = set()
         # Promotions first: whether a route has a challenger decides which weights fit.
         for name, value in records.get("promotion", {}).items():

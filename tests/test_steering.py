@@ -5,6 +5,7 @@ on a temporary file (the same code path as in production)."""
 
 from __future__ import annotations
 
+import asyncio
 import math
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from gateway import config as config_module
 from gateway.metrics import Metrics
 from gateway.runtime import Runtime
 from gateway.steering import Override, Steering, SteeringError, weight_key
+from gateway.store.base import Entry, StoreError
 from gateway.store.embedded import EmbeddedStore
 
 
@@ -158,3 +160,81 @@ def test_an_override_without_its_file_value_is_superseded_by_any_file() -> None:
     current = Override.from_record({"challenger_weight": 0.3, "config_weight": 0.1})
     assert current == Override(0.3, 0.1)
     assert not current.superseded_by(0.1) and current.superseded_by(0.2)
+
+
+class PausedStore(EmbeddedStore):
+    """An embedded store whose next scan reads, then waits for ``resume`` before it
+    answers (a read overtaken by a change, as on a slow link); and that can be down."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.pause_next_scan = False
+        self.scanned, self.resume = asyncio.Event(), asyncio.Event()
+        self.down = False
+
+    async def scan_prefix(self, prefix: str) -> list[Entry]:
+        self._fail_if_down()
+        entries = await super().scan_prefix(prefix)
+        if self.pause_next_scan:
+            self.pause_next_scan = False
+            self.scanned.set()
+            await self.resume.wait()
+        return entries
+
+    async def put(self, key: str, value: dict[str, Any], *, ttl: float | None = None) -> int:
+        self._fail_if_down()
+        return await super().put(key, value, ttl=ttl)
+
+    def _fail_if_down(self) -> None:
+        if self.down:
+            raise StoreError("down (a test's outage)")
+
+
+async def test_a_change_made_while_the_store_is_read_is_not_undone_by_that_read(
+    tmp_path: Path,
+) -> None:
+    store = PausedStore(tmp_path / "state.db")
+    replica = Deployment(0.1)
+    try:
+        async with replica.steering.synced(store):
+            await replica.steering.set_weight("r", 0.5, actor="canary")
+            store.pause_next_scan = True
+            restoring = asyncio.create_task(replica.steering.restore())
+            await asyncio.wait_for(store.scanned.wait(), 5)  # it has read 0.5...
+            await replica.steering.set_weight("r", 0, actor="operator")  # ...the brake
+            store.resume.set()
+            await asyncio.wait_for(restoring, 5)
+            assert replica.weight() == 0.0
+            await replica.steering.restore()  # the next pass reads the brake back
+            assert replica.weight() == 0.0
+    finally:
+        await store.close()
+
+
+async def test_a_change_made_while_the_store_is_down_is_stored_when_it_is_back(
+    tmp_path: Path,
+) -> None:
+    store = PausedStore(tmp_path / "state.db")
+    replica, other = Deployment(0.1), Deployment(0.1)
+    try:
+        async with replica.steering.synced(store), other.steering.synced(store):
+            await replica.steering.set_weight("r", 0.5, actor="canary")
+            store.down = True
+            _, stored = await replica.steering.set_weight("r", 0, actor="operator")
+            assert not stored and replica.weight() == 0.0  # applied all the same
+            with pytest.raises(StoreError):
+                await replica.steering.restore()
+            assert replica.weight() == 0.0
+            store.down = False
+            await replica.steering.restore()  # stores the brake before it reads anything
+            assert replica.weight() == 0.0
+            record = await store.get(weight_key("r"))
+            assert record is not None and record["challenger_weight"] == 0.0
+            await other.steering.restore()
+            assert other.weight() == 0.0
+            # Once stored, it is a record like any other: a later change replaces it.
+            await other.steering.set_weight("r", 0.3, actor="operator")
+            await replica.steering.restore()
+            assert replica.weight() == 0.3
+    finally:
+        await store.close()
