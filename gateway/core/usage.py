@@ -12,14 +12,13 @@ counts. That covers a plain JSON answer
 from __future__ import annotations
 
 import zlib
-from collections import deque
 from collections.abc import Iterable
 
 import msgspec
 import orjson
 
 HEAD_BYTES = 8 * 1024
-TAIL_BYTES = 4 * 1024
+TAIL_BYTES = 2 * 1024
 _USAGE_KEY = b'"usage"'
 
 # (prompt_tokens, completion_tokens). A plain tuple: it is made for every traced answer,
@@ -151,7 +150,9 @@ class _HeadAndTail:
         self._head: list[bytes] | None = [first]  # None once read and let go
         self._head_counts: TokenCounts | None = None  # what the head held, then
         self._head_size = len(first)
-        self._tail: deque[bytes] = deque()
+        # A list, not a deque: a few chunks at a time, and an empty deque alone is 760
+        # bytes (thousands of streams keep one each).
+        self._tail: list[bytes] = []
         self._tail_size = 0
 
     def feed(self, chunk: bytes) -> None:
@@ -175,8 +176,14 @@ class _HeadAndTail:
         tail.append(chunk)
         self._tail_size += len(chunk)
         # Drop whole chunks that no longer reach into the last TAIL_BYTES.
-        while len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
-            self._tail_size -= len(tail.popleft())
+        if len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
+            dropped = 0
+            size = self._tail_size
+            while dropped < len(tail) - 1 and size - len(tail[dropped]) >= TAIL_BYTES:
+                size -= len(tail[dropped])
+                dropped += 1
+            del tail[:dropped]
+            self._tail_size = size
             self._dropped = True
 
     def _let_go_of_head(self, data: bytes) -> None:

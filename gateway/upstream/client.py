@@ -122,6 +122,11 @@ _DONE: Final = _State.DONE
 _CLOSED: Final = _State.CLOSED
 
 
+# What an exchange's ``chunks`` is until it has any: empty, never appended to (on_body
+# makes a deque of its own first).
+_NO_CHUNKS: Final[deque[bytes]] = deque(maxlen=0)
+
+
 class _Exchange:
     """One request and its answer (uvicorn's ``RequestResponseCycle``): made new by
     ``_Connection.begin``, so nothing of one exchange leaks into the next, and kept by
@@ -153,7 +158,9 @@ class _Exchange:
         self.status = 0
         self.reason = ""
         self.raw_headers: list[tuple[bytes, bytes]] = []
-        self.chunks: deque[bytes] = deque()  # body received, not yet taken
+        # Body received, not yet taken: made at the first chunk (a piped stream never
+        # needs one, and thousands of them stay open).
+        self.chunks: deque[bytes] = _NO_CHUNKS
         self.buffered = 0  # bytes in ``chunks``
         # The whole answer arrived. Unlike the connection's DONE this outlives a close
         # (the backend may close after answering): the reader still gets the end.
@@ -328,7 +335,10 @@ class _Connection(asyncio.Protocol):
                     self.reading_paused = True
                 exchange.wake()  # the reader waits for the receiver to take more
             return
-        exchange.chunks.append(body)
+        chunks = exchange.chunks
+        if chunks is _NO_CHUNKS:
+            chunks = exchange.chunks = deque()
+        chunks.append(body)
         exchange.buffered += len(body)
         if exchange.buffered > HIGH_WATER and not self.reading_paused and self.transport:
             self.transport.pause_reading()
