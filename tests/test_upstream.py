@@ -417,6 +417,61 @@ async def test_a_slot_on_an_endpoint_ejected_meanwhile_is_not_used() -> None:
     assert await waiter is second
 
 
+@pytest.mark.timeout(10)
+async def test_an_endpoint_back_from_failing_checks_serves_the_waiting_requests_first() -> None:
+    # b fails its checks, a is full: a request waits. b passing its checks again is
+    # room that no release hands over: the waiting request gets it, not a newcomer,
+    # instead of waiting for a to free a slot (or for the queue timeout, 503).
+    p = pool("round_robin", 2, FakeClock(), max_connections=1, queue_timeout_seconds=5,
+             **CHECKED)  # fmt: skip
+    a, b = p.endpoints
+    for _ in range(3):
+        p.checked(b, False)
+    assert await take(p) is a
+    waiter = asyncio.create_task(take(p))
+    await wait_until(lambda: len(p.waiting) == 1, "a request waiting")
+    p.checked(b, True)
+    p.checked(b, True)
+    assert p.pick() is None  # a newcomer does not overtake the queue
+    assert await waiter is b
+    assert [a.active, b.active] == [1, 1]
+    assert not p.waiting
+
+
+@pytest.mark.timeout(10)
+async def test_an_endpoint_back_from_its_ejection_serves_the_waiting_requests_first() -> None:
+    clock = FakeClock()
+    p = pool("round_robin", 2, clock, max_connections=1, queue_timeout_seconds=5)
+    a, b = p.endpoints
+    eject(p, 1)
+    assert await take(p) is a
+    waiter = asyncio.create_task(take(p))
+    await wait_until(lambda: len(p.waiting) == 1, "a request waiting")
+    clock.advance(EJECTION_SECONDS)  # b is back: the next request to come finds it
+    newcomer = asyncio.create_task(take(p))
+    assert await waiter is b  # first come, first served
+    await wait_until(lambda: len(p.waiting) == 1, "the newcomer waiting")
+    p.release(a)
+    assert await newcomer is a
+    assert [a.active, b.active] == [1, 1]
+
+
+@pytest.mark.timeout(10)
+async def test_an_endpoint_that_answers_again_after_a_timeout_serves_the_waiting() -> None:
+    # After a timeout a takes one request at a time; its next success gives it room
+    # again (its limit back to max_connections), which goes to the waiting request.
+    p = pool("round_robin", 2, FakeClock(), max_connections=2, queue_timeout_seconds=5)
+    a, b = p.endpoints
+    p.failed(a, timed_out=True)
+    held = [await take(p) for _ in range(3)]
+    assert sorted(e.base for e in held) == sorted([a.base, b.base, b.base])
+    waiter = asyncio.create_task(take(p))
+    await wait_until(lambda: len(p.waiting) == 1, "a request waiting")
+    p.succeeded(a)
+    assert await waiter is a
+    assert [a.active, b.active] == [2, 2]
+
+
 def test_other_than_offers_another_endpoint_with_room() -> None:
     p = pool("round_robin", 3, FakeClock(), max_connections=1)
     a, b, c = p.endpoints

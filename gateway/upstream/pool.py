@@ -181,7 +181,10 @@ class BackendPool:
     def pick(self) -> Endpoint | None:
         """The endpoint for the next request: in service and below its connection cap.
         None when there is none right now: then ``acquire`` waits for one, or says why
-        there is none. (The caller counts the request in ``active``.)"""
+        there is none. None, too, while requests wait: whatever room there is goes to
+        them first (``acquire``). (The caller counts the request in ``active``.)"""
+        if self.waiting:
+            return None
         endpoints = self.endpoints
         cap = self.max_connections
         if len(endpoints) == 1:
@@ -234,7 +237,10 @@ class BackendPool:
         ``active``: one with room now, or the first one freed within
         ``queue_timeout_seconds``. Raises NoHealthyEndpoint when every endpoint is out of
         rotation, UpstreamOverloaded when the wait is over."""
-        endpoint = self._choose(self._available())
+        # Room that no release handed over (an endpoint back from an ejection, or
+        # allowed more connections again) goes to those waiting first.
+        self._serve_waiting()
+        endpoint = None if self.waiting else self._choose(self._available())
         if endpoint is not None:
             endpoint.active += 1
             return endpoint
@@ -285,6 +291,20 @@ class BackendPool:
                 waiter.set_result(endpoint)
                 return
         endpoint.active -= 1
+
+    def _serve_waiting(self) -> None:
+        """Hand the room there is to the waiting requests, first come first served:
+        room a release did not hand over, because it came otherwise (an endpoint back
+        in service, or its limit raised again after a timeout)."""
+        waiting = self.waiting
+        while waiting:
+            endpoint = self._choose(self._available())
+            if endpoint is None:
+                return
+            waiter = waiting.popleft()
+            if not waiter.done():
+                endpoint.active += 1
+                waiter.set_result(endpoint)
 
     def may_retry(self) -> bool:
         """Whether the retry budget allows one more retry now (gateway.core.health)."""
@@ -341,7 +361,10 @@ class BackendPool:
 
     def succeeded(self, endpoint: Endpoint) -> None:
         endpoint.consecutive_failures = 0
-        endpoint.limit = self.max_connections
+        if endpoint.limit != self.max_connections:
+            endpoint.limit = self.max_connections  # room again after a timeout
+            if self.waiting:
+                self._serve_waiting()
 
     def failed(self, endpoint: Endpoint, *, timed_out: bool = False) -> None:
         """An attempt on ``endpoint`` failed: no connection, a timeout, a 5xx answer or a
@@ -389,6 +412,8 @@ class BackendPool:
             self._ejected(endpoint, HEALTH_CHECK)
         elif was_failing and not endpoint.check_failing:
             self._checks_passed(endpoint)
+            if self.waiting:
+                self._serve_waiting()  # back in rotation: room for those waiting
 
     def _checks_passed(self, endpoint: Endpoint) -> None:
         """Back from failing its checks: in rotation, unless an outlier ejection it had
