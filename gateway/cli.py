@@ -549,7 +549,8 @@ def _actor() -> str:
 
 def _version_arg(text: str) -> str:
     """A version number as given on the command line (checked here: exit 1, one line)."""
-    if not text.isdigit() or int(text) < 1:
+    # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
+    if not (text.isascii() and text.isdigit()) or int(text) < 1:
         raise AdminError(f"gateway: a version is a number from 1, got {text!r}")
     return str(int(text))
 

@@ -177,7 +177,8 @@ class Registry:
     async def resolve(self, model: str, alias_or_version: str) -> Version | None:
         """What ``model:NAME@ALIAS`` (or ``@VERSION``, or ``@latest``) points at now; None
         when it points nowhere (no such model, alias or version)."""
-        if alias_or_version.isdigit():
+        # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
+        if alias_or_version.isascii() and alias_or_version.isdigit():
             value = await self._store.get(_version_key(model, int(alias_or_version)))
             return Version.from_dict(value) if value is not None else None
         if alias_or_version == LATEST:

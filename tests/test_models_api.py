@@ -395,3 +395,18 @@ async def test_a_request_in_flight_finishes_where_it_started(
     assert await served_by(http, gateway, "next") == "fast"
     release.set()
     assert await in_flight == "slow"
+
+
+async def test_digits_that_are_not_ascii_are_no_version_numbers(
+    start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
+) -> None:
+    # "²" is a digit to str.isdigit() but no number to int(): an alias by that name was
+    # taken for a version number and answered 500.
+    gateway = await started(start_gateway, upstreams)
+    url = admin(gateway, "/models/iris")
+    assert (await call(http, "POST", url + "/versions", {"backend": "v1"}))[0] == 201
+    for alias in ("%C2%B2", "%D9%A1"):  # SUPERSCRIPT TWO, ARABIC-INDIC DIGIT ONE
+        status, error = await call(http, "GET", url + "/aliases/" + alias)
+        assert (status, error["error"]["code"]) == (404, "unknown_alias"), error
+    status, error = await call(http, "GET", url + "/versions/%C2%B2")
+    assert (status, error["error"]["code"]) == (400, "bad_version"), error
