@@ -40,6 +40,9 @@ PREFIX = "registry/"
 LATEST = "latest"
 NAME = re.compile(r"^[A-Za-z0-9_.-]{1,128}$")
 _CAS_ATTEMPTS = 20
+# Versions are stored under ten-digit keys and read back in key order (latest is the
+# last): a number of more digits would sort before smaller ones.
+MAX_VERSION = 9_999_999_999
 
 
 class Unchecked(enum.Enum):
@@ -115,6 +118,8 @@ def parse_version(text: str | int) -> int:
         raise RegistryError(400, "bad_version", f"a version is a number, got {text!r}") from None
     if version < 1:
         raise RegistryError(400, "bad_version", f"versions start at 1, got {version}")
+    if version > MAX_VERSION:
+        raise RegistryError(400, "bad_version", f"versions go up to {MAX_VERSION}, got {version}")
     return version
 
 
@@ -216,8 +221,16 @@ class Registry:
             raise RegistryError(
                 400, "bad_request", "a version is served by a backend or by url/endpoints, one"
             )
+        if version is not None:
+            parse_version(version)
         for attempt in range(_CAS_ATTEMPTS):
             number = version if version is not None else await self._next_number(model)
+            if number > MAX_VERSION:
+                raise RegistryError(
+                    409, "no_version_number",
+                    f"{model} has version {MAX_VERSION}, the highest there can be: give "
+                    "the new one a free number below it",
+                )  # fmt: skip
             candidate = Version(
                 model, number, backend, tuple(endpoints), trace_model or f"{model}-v{number}",
                 dict(metadata or {}), self._clock(), actor,

@@ -410,3 +410,24 @@ async def test_digits_that_are_not_ascii_are_no_version_numbers(
         assert (status, error["error"]["code"]) == (404, "unknown_alias"), error
     status, error = await call(http, "GET", url + "/versions/%C2%B2")
     assert (status, error["error"]["code"]) == (400, "bad_version"), error
+
+
+async def test_version_numbers_past_ten_digits_are_refused(
+    start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
+) -> None:
+    # Versions are stored under ten-digit keys, read back in key order: a larger number
+    # sorted before smaller ones (9999999999 read as latest after 10000000000), and one
+    # past 64 bits could not be stored at all (500).
+    gateway = await started(start_gateway, upstreams)
+    url = admin(gateway, "/models/iris")
+    top = {"version": 9_999_999_999, "backend": "v1"}
+    assert (await call(http, "POST", url + "/versions", top))[0] == 201
+    for version in ("10000000000", "99999999999999999999", 10_000_000_000):
+        status, error = await call(
+            http, "POST", url + "/versions", {"version": version, "backend": "v1"}
+        )
+        assert (status, error["error"]["code"]) == (400, "bad_version"), error
+    status, error = await call(http, "POST", url + "/versions", {"backend": "v2"})
+    assert status == 409 and "version" in error["error"]["message"], error
+    status, model = await call(http, "GET", url)
+    assert status == 200 and model["latest"] == 9_999_999_999, model
