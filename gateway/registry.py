@@ -137,6 +137,13 @@ def _version_key(model: str, version: int) -> str:
     return _key(model, "versions", f"{version:010d}")
 
 
+def _live(value: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """A version record, or None for none or a deleted one. A deleted version leaves a
+    record saying so (a tombstone), so that its number is never given again: a route
+    pinned to ``@7`` must never find other content there."""
+    return None if value is None or value.get("deleted") else value
+
+
 class Registry:
     """The registry on a state store. Every method reads or writes the store: the
     registry is what the store holds, nothing is cached here."""
@@ -163,7 +170,7 @@ class Registry:
 
     async def versions(self, model: str) -> list[Version]:
         entries = await self._store.scan_prefix(_key(model, "versions", ""))
-        return [Version.from_dict(e.value) for e in entries]
+        return [Version.from_dict(e.value) for e in entries if _live(e.value) is not None]
 
     async def aliases(self, model: str) -> dict[str, int]:
         entries = await self._store.scan_prefix(_key(model, "aliases", ""))
@@ -177,6 +184,10 @@ class Registry:
         value = await self._store.get(_version_key(model, version))
         if value is None:
             raise RegistryError(404, "unknown_version", f"model {model!r} has no version {version}")
+        if _live(value) is None:
+            raise RegistryError(
+                404, "unknown_version", f"model {model!r} version {version} was deleted"
+            )
         return Version.from_dict(value)
 
     async def resolve(self, model: str, alias_or_version: str) -> Version | None:
@@ -184,7 +195,7 @@ class Registry:
         when it points nowhere (no such model, alias or version)."""
         # ASCII digits only: str.isdigit() is true of "²", which int() refuses.
         if alias_or_version.isascii() and alias_or_version.isdigit():
-            value = await self._store.get(_version_key(model, int(alias_or_version)))
+            value = _live(await self._store.get(_version_key(model, int(alias_or_version))))
             return Version.from_dict(value) if value is not None else None
         if alias_or_version == LATEST:
             versions = await self.versions(model)
@@ -193,11 +204,11 @@ class Registry:
         number = _target(target) if target is not None else None
         if number is None:
             return None
-        value = await self._store.get(_version_key(model, number))
+        value = _live(await self._store.get(_version_key(model, number)))
         return Version.from_dict(value) if value is not None else None
 
     async def require_model(self, model: str) -> None:
-        if not await self._store.scan_prefix(_key(model, "versions", "")):
+        if not await self._store.scan_prefix(_key(model, "versions", "")):  # tombstones count
             raise RegistryError(404, "unknown_model", f"no model named {model!r}")
 
     # --- changing -------------------------------------------------------------------------
@@ -242,6 +253,14 @@ class Registry:
             existing = await self._store.get(key)
             if existing is None:
                 continue  # deleted meanwhile: try again
+            if _live(existing) is None:
+                if version is not None:
+                    raise RegistryError(
+                        409, "version_exists",
+                        f"{model} version {number} was registered and deleted: numbers are "
+                        "never given twice (register a new one)",
+                    )  # fmt: skip
+                continue  # an assigned number deleted meanwhile: the next one
             found = Version.from_dict(existing)
             if version is not None or attempt == _CAS_ATTEMPTS - 1:
                 if found.content() == candidate.content():
@@ -255,6 +274,7 @@ class Registry:
         raise RegistryError(409, "conflict", f"{model}: too many registrations at once")
 
     async def _next_number(self, model: str) -> int:
+        # Past the highest ever given, deleted ones included.
         versions = await self._store.scan_prefix(_key(model, "versions", ""))
         return (int(versions[-1].value["version"]) + 1) if versions else 1
 
@@ -289,6 +309,15 @@ class Registry:
                 key, entry.version if entry is not None else None, record
             )
             if written is not None:
+                if _live(await self._store.get(_version_key(model, version))) is None:
+                    # Deleted between the check above and the move (delete_version checks
+                    # the aliases after its write, as this checks the version after its
+                    # own: one of the two sees the other). The alias goes back.
+                    restored = entry.value if entry is not None else {"version": None}
+                    await self._store.compare_and_set(key, written, dict(restored))
+                    raise RegistryError(
+                        404, "unknown_version", f"model {model!r} version {version} was deleted"
+                    )
                 await self._record(
                     model, "alias", actor, reason, alias=alias, version=version, previous=before
                 )
@@ -398,6 +427,22 @@ class Registry:
         self, model: str, version: int, *, actor: str = "admin", reason: str = ""
     ) -> Version:
         found = await self.version(model, version)
+        await self._refuse_if_aliased(model, version)
+        key = _version_key(model, version)
+        tombstone = {"model": model, "version": version, "deleted": True,
+                     "deleted_at": self._clock(), "actor": actor}  # fmt: skip
+        await self._store.put(key, tombstone)
+        try:
+            # An alias moved onto it between the check and the delete (the store has no
+            # transactions): the version comes back, and the delete is refused after all.
+            await self._refuse_if_aliased(model, version)
+        except RegistryError:
+            await self._store.put(key, found.as_dict())
+            raise
+        await self._record(model, "delete", actor, reason, version=version)
+        return found
+
+    async def _refuse_if_aliased(self, model: str, version: int) -> None:
         users = sorted(a for a, v in (await self.aliases(model)).items() if v == version)
         if users:
             raise RegistryError(
@@ -405,9 +450,6 @@ class Registry:
                 f"{model} version {version} is what {', '.join(users)} point(s) at: move "
                 "the alias(es) first",
             )  # fmt: skip
-        await self._store.delete(_version_key(model, version))
-        await self._record(model, "delete", actor, reason, version=version)
-        return found
 
     async def _record(self, model: str, action: str, actor: str, reason: str, **what: Any) -> None:
         """Append to the model's history, numbered by a compare-and-set counter."""

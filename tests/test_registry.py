@@ -102,6 +102,47 @@ async def test_aliases_latest_and_deletion(store: StateStore) -> None:
     assert refused(error) == (404, "unknown_alias")
 
 
+async def test_a_deleted_versions_number_is_never_given_again(store: StateStore) -> None:
+    registry = Registry(store)
+    for n in (1, 2, 3):
+        await registry.register("iris", version=n, backend=f"iris-v{n}")
+    await registry.delete_version("iris", 3)
+    with pytest.raises(RegistryError) as error:
+        await registry.version("iris", 3)
+    assert refused(error) == (404, "unknown_version") and "deleted" in str(error.value)
+    assert await registry.resolve("iris", "3") is None  # a route pinned to @3 finds nothing
+    assert (await registry.resolve("iris", "latest")).version == 2  # type: ignore[union-attr]
+    fourth, new = await registry.register("iris", backend="other")  # not 3 again
+    assert new and fourth.version == 4
+    for content in ("iris-v3", "other"):  # neither the old content nor new content
+        with pytest.raises(RegistryError) as error:
+            await registry.register("iris", version=3, backend=content)
+        assert refused(error) == (409, "version_exists")
+    with pytest.raises(RegistryError) as error:
+        await registry.move_alias("iris", "champion", 3)
+    assert refused(error) == (404, "unknown_version")
+    assert [v.version for v in await registry.versions("iris")] == [1, 2, 4]
+
+
+async def test_a_delete_racing_an_alias_move_never_leaves_the_alias_on_a_deleted_version(
+    store: StateStore,
+) -> None:
+    registry = Registry(store)
+    outcomes: set[tuple[str, str]] = set()
+    for n in range(1, 41):
+        await registry.register("iris", version=n, backend=f"b{n}")
+        deleting = registry.delete_version("iris", n)
+        moving = registry.move_alias("iris", "champion", n)
+        deleted, moved = await asyncio.gather(deleting, moving, return_exceptions=True)
+        target = (await registry.aliases("iris")).get("champion")
+        live = await registry.resolve("iris", str(n)) is not None
+        # Whichever wins, never both: the alias on a deleted version serves nothing.
+        assert not (target == n and not live), (deleted, moved)
+        assert isinstance(deleted, RegistryError) or isinstance(moved, RegistryError)
+        outcomes.add((type(deleted).__name__, type(moved).__name__))
+    assert outcomes  # (which side wins depends on the interleaving; both are fine)
+
+
 async def test_conditional_alias_moves_lose_no_update(store: StateStore) -> None:
     registry = Registry(store)
     for n in range(1, 52):
