@@ -367,9 +367,12 @@ class Steering:
             raise StoreError("the model registry is not available")
         model, champion_alias, challenger_alias = refs[0].model, refs[0].alias, refs[1].alias
         assert champion_alias is not None and challenger_alias is not None
-        weight = self._set_override(route, 0.0, actor)
-        stored = await self._put(route.name, weight_key(route.name), weight.record(actor))
         what = "promoted" if promote else "promotion undone"
+        stored = True
+        if not promote:
+            # Undoing: the challenger's traffic goes first, whatever becomes of the move.
+            weight = self._set_override(route, 0.0, actor)
+            stored = await self._put(route.name, weight_key(route.name), weight.record(actor))
         try:
             move = registry.promote if promote else registry.demote
             await move(
@@ -378,6 +381,11 @@ class Steering:
             )  # fmt: skip
         except RegistryError as error:
             raise SteeringError(error.status, error.code, str(error)) from None
+        if promote:
+            # After the move, which clears the challenger: a refused move (the aliases
+            # moved meanwhile) leaves the route as it was, not promoted by halves.
+            weight = self._set_override(route, 0.0, actor)
+            stored = await self._put(route.name, weight_key(route.name), weight.record(actor))
         log.info("route %s: %s (model %s's aliases moved) by %s", route.name, what, model, actor)
         if self._reresolve is not None:
             await self._reresolve()  # this process follows at once, the others within 1 s

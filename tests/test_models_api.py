@@ -297,6 +297,33 @@ async def test_promotion_moves_the_aliases_and_rollback_restores_them(
     assert (await call(http, "POST", admin(gateway, "/models/nope/promote")))[0] == 404
 
 
+async def test_a_promotion_rollback_the_registry_refuses_leaves_the_canary_promoted(
+    start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
+) -> None:
+    gateway = await started(
+        start_gateway, upstreams,
+        canary={"steps": [0.2, 0.5], "step_interval_seconds": 60, "min_requests": 10},
+    )  # fmt: skip
+    url = admin(gateway, "/models/iris")
+    await call(http, "POST", url + "/versions", {"backend": "v1"})
+    await call(http, "POST", url + "/versions", {"backend": "v2"})
+    await call(http, "PUT", url + "/aliases/champion", {"version": 1})
+    await call(http, "PUT", url + "/aliases/challenger", {"version": 2})
+    await call(http, "POST", admin(gateway, "/routes/r/canary/start"))
+    status, view = await call(http, "POST", admin(gateway, "/routes/r/canary/promote"))
+    assert status == 200 and view["state"] == "promoted"
+    # Someone deletes the alias a rollback restores: the registry cannot undo it.
+    assert (await call(http, "DELETE", url + "/aliases/previous"))[0] == 200
+    status, error = await call(http, "POST", admin(gateway, "/routes/r/canary/rollback"))
+    assert status == 409, error
+    # The canary says what happened: still promoted, not rolled back with nothing moved.
+    view = (await call(http, "GET", admin(gateway, "/routes/r/canary")))[1]
+    assert view["state"] == "promoted"
+    model = (await call(http, "GET", url))[1]
+    assert model["aliases"] == {"champion": 2}
+    assert {await served_by(http, gateway, f"k{i}") for i in range(10)} == {"v2"}
+
+
 async def test_promotion_needs_aliases_of_one_model(
     start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
 ) -> None:

@@ -409,9 +409,12 @@ class CanaryController:
         written = await store.compare_and_set(status_key(canary.name), version, new.as_dict())
         if written is None:
             return  # an operator's command came first: decide again next time
-        await self._took(
-            canary, status, new, new_action(status, new, decision.action), version=written
-        )
+        try:
+            await self._took(
+                canary, status, new, new_action(status, new, decision.action), version=written
+            )
+        except CanaryError as refused:  # an automatic promotion the move refused: held
+            log.warning("canary %s: %s", canary.name, refused)
 
     def _braked(self, canary: _Canary, status: Status) -> bool:
         route = canary.route
@@ -431,10 +434,12 @@ class CanaryController:
         process whose view lags must not skip the write the other replicas follow)."""
         self._applied(canary, new, version)
         name = canary.name
+        promoting = new.state is State.PROMOTED and old.state is not State.PROMOTED
+        demoting = old.state is State.PROMOTED and new.state is not State.PROMOTED
         try:
-            if new.state is State.PROMOTED and old.state is not State.PROMOTED:
+            if promoting:
                 await self._steering.promote(name, actor=LOCK_OWNER)
-            elif old.state is State.PROMOTED and new.state is not State.PROMOTED:
+            elif demoting:
                 await self._steering.demote(name, actor=LOCK_OWNER)
             elif (
                 new.weight != old.weight
@@ -442,7 +447,17 @@ class CanaryController:
                 or canary.route.weight != new.weight
             ) and canary.route.has_challenger:
                 await self._steering.set_weight(name, new.weight, actor=LOCK_OWNER)
-        except SteeringError as refused:
+        except (SteeringError, StoreError) as refused:
+            if promoting or demoting:
+                # Nothing was promoted (or undone): e.g. the registry's aliases moved
+                # meanwhile. The status goes back, so it never says what did not happen.
+                await self._undo(canary, old, version)
+                status, code = (
+                    (refused.status, refused.code)
+                    if isinstance(refused, SteeringError)
+                    else (503, "state_store_unavailable")
+                )
+                raise CanaryError(status, code, f"{action.value} not done: {refused}") from None
             # The status is written: it stands, and the leader keeps the weight in line.
             log.warning("canary %s: %s applied, its weight not: %s", name, action.value, refused)
         self._metrics.canary_decisions.labels(name, action.value).inc()
@@ -454,6 +469,16 @@ class CanaryController:
                 canary.config.webhooks,
                 self._payload(canary, new, event, new.reason, None),
             )
+
+    async def _undo(self, canary: _Canary, old: Status, version: int | None) -> None:
+        """Put back the status a promotion (or its undoing) replaced, when the move itself
+        was refused."""
+        if version is None:
+            return
+        store = self._require_store()
+        restored = await store.compare_and_set(status_key(canary.name), version, old.as_dict())
+        if restored is not None:
+            self._applied(canary, old, restored)
 
     def _payload(
         self, canary: _Canary, status: Status, event: str, reason: str, evidence: Evidence | None
