@@ -172,7 +172,8 @@ class Gateway:
             await self.steering.restore()
             await self.references.refresh()
         except StoreError as error:
-            log.warning("reload: state store unavailable: %s", error)
+            log.warning("reload: state store unavailable (retried): %s", error)
+            self.steering.resync_soon()
         log.info("reloaded %s: %s", self.config_path, counted(len(runtime.routes), "route"))
         return [old_config, *old_config.routes, *old_runtime.routes.values(), old_runtime]
 

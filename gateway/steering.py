@@ -161,6 +161,9 @@ class Steering:
         # Records of changes made here that the store did not take (it was down): written
         # before anything is read from it again, so that it does not undo them.
         self._unsaved: dict[str, tuple[str, dict[str, Any] | None]] = {}  # key -> route, record
+        # Set when a pass outside the follower failed (a reload's): the next poll applies
+        # the store again even if its revision has not moved.
+        self._stale = False
         # Registry references (gateway.references): what each resolves to now, the
         # registry a promotion moves aliases in, and how to re-resolve after it did.
         self._resolved: Mapping[str, Resolution] = {}
@@ -504,6 +507,11 @@ class Steering:
             await asyncio.gather(follower, return_exceptions=True)
             self._store = None
 
+    def resync_soon(self) -> None:
+        """Apply the store's state (and re-resolve references) at the next poll: a pass
+        made elsewhere failed, and the revision it missed will not move again."""
+        self._stale = True
+
     async def _put(self, name: str, key: str, record: dict[str, Any] | None) -> bool:
         """Store a change made here (``None``: delete the record); returns whether the
         store took it. If not, it is written once the store is back (_save_unsaved)."""
@@ -607,7 +615,8 @@ class Steering:
         while True:
             try:
                 revision = await self._store.revision()
-                if revision != applied or failing:
+                if revision != applied or failing or self._stale:
+                    self._stale = False
                     await self.restore()
                     if self._reresolve is not None:
                         await self._reresolve()  # the registry's aliases (references.py)
