@@ -139,9 +139,12 @@ class UsageServer:
                 "usage": None,  # what servers send with stream_options.include_usage
             }
 
+        # "pieces": that many more content chunks (a long answer, token by token).
+        extra = [chunk({"content": f" token{i}"}) for i in range(int(body.get("pieces", 0)))]
         for piece in (
             chunk({"role": "assistant"}),
             chunk({"content": "hello"}),
+            *extra,
             chunk({"content": " there"}),
             chunk({}, "stop"),
         ):
@@ -170,8 +173,11 @@ async def chat(
     hold: str | None = None,
     path: str = CHAT_PATH,
     headers: dict[str, str] | None = None,
+    pieces: int = 0,
 ) -> tuple[int, bytes]:
     body: dict[str, Any] = {"model": "m", "stream": stream, "usage": usage}
+    if pieces:
+        body["pieces"] = pieces
     if hold:
         body["hold"] = hold
     async with session.post(

@@ -167,6 +167,30 @@ async def assert_redis_matches_gateway_view(
         assert value == serialize(view[end]), (end, value, view[end])
 
 
+async def test_long_streams_count_the_final_chunks_usage(
+    start_llm: StartLLM,
+    http: aiohttp.ClientSession,
+    shared_redis: aioredis.Redis,  # noqa: F811
+    redis_prefix: str,  # noqa: F811
+) -> None:
+    """Streams of hundreds of chunks, each with ``"usage": null``, far longer than what
+    the usage sniffer keeps (its head is let go, its tail is 2 KB): each is counted by
+    its final chunk's usage, as the client received it (issue 25)."""
+    gateway = await start_llm("foo", key_prefix=redis_prefix, redis_url=SHARED_REDIS_URL)
+    plan = [(1000, 600), (17, 2**16), (3, 1), (250_000, 4)]
+    results = await asyncio.gather(
+        *(chat(http, proxy_url(gateway), u, stream=True, pieces=600) for u in plan)
+    )
+    for usage, (status, raw) in zip(plan, results, strict=True):
+        assert status == 200
+        assert len(raw) > 100_000  # 600 chunks of about 180 bytes
+        assert answered_usage(raw, True) == usage
+    raw_traces = await wait_written(shared_redis, redis_prefix, "foo", len(plan), len(plan))
+    traces = [assert_wire_format(value, INTERVAL) for value, _ in raw_traces.values()]
+    assert bucket_totals(traces) == expected_buckets(plan)
+    assert len(expected_buckets(plan)) == len(plan)  # four distinct buckets: no mix-up
+
+
 # ---------------------------------------------------------------- acceptance 2 (issue 3)
 
 
