@@ -190,6 +190,8 @@ class Steering:
         moved = {
             ref for ref, r in resolutions.items() if not r.same_as(before.get(ref))
         }
+        if not moved:
+            return []
         challengers_moved = []
         for name, route in self._routes.items():
             config = route.config
