@@ -459,13 +459,22 @@ async def test_a_thousand_aborted_downloads_leave_nothing_behind(
             "the gateway's file descriptors back to the baseline", within=10,
         )  # fmt: skip
         rss_after = gateway.rss_bytes()
+        # A second thousand: the allocator's arenas move RSS by a few MiB either way
+        # (seen here -1 to +9 MiB after a thousand), a leak grows with every download.
+        await abort(1000)
+        await wait_until(nothing_held, "no upstream connection left", within=10)
+        rss_again = gateway.rss_bytes()
     print(
         f"\n1,000 downloads of 32 MiB aborted after 256 KiB ({took:.1f} s): upstream "
         f"connections 0 -> 0, open files {files} -> {files_after}, RSS "
-        f"{rss / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB"
+        f"{rss / 2**20:.1f} -> {rss_after / 2**20:.1f} MiB, "
+        f"{rss_again / 2**20:.1f} MiB after another 1,000"
     )
     assert files_after <= files + 2
-    assert rss_after <= rss + 8 * 2**20  # a stated margin: 8 MiB
+    # A stated margin: 16 MiB over the baseline after either thousand (after both, under
+    # 8 KiB a download even were all of it a leak; the cycles this test was written for
+    # held 150 KiB a download). Seen here: +9.4 MiB after the first, +0 after the second.
+    assert max(rss_after, rss_again) <= rss + 16 * 2**20
 
 
 # --- 5. a 20,000-route reload and /metrics, under load --------------------------------------
