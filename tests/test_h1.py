@@ -21,44 +21,23 @@ from gateway.upstream.client import (
     UpstreamError,
     UpstreamTimeout,
 )
+from tests.helpers.raw import RawHandler as Handler
+from tests.helpers.raw import raw_servers
 from tests.shadow_support import wait_until
 
 pytestmark = pytest.mark.timeout(20)
 
-Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RawServer = Callable[[Handler], Awaitable[Origin]]
 
 
 @pytest.fixture
 async def raw_server() -> AsyncIterator[RawServer]:
-    servers: list[asyncio.Server] = []
-    handlers: set[asyncio.Task[None]] = set()
+    async with raw_servers() as start:
 
-    async def start(handler: Handler) -> Origin:
-        async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            handlers.add(task)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
+        async def origin(handler: Handler) -> Origin:
+            return Origin.parse("http", "127.0.0.1", await start(handler))
 
-        server = await asyncio.start_server(closing, "127.0.0.1", 0)
-        servers.append(server)
-        port = server.sockets[0].getsockname()[1]
-        return Origin.parse("http", "127.0.0.1", port)
-
-    yield start
-    # Handlers still sleeping (the "silent" ones) are cancelled; each closes its socket.
-    for task in handlers:
-        task.cancel()
-    await asyncio.gather(*handlers, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+        yield origin
 
 
 @pytest.fixture

@@ -25,45 +25,25 @@ from gateway.app import Gateway
 from tests.conftest import StartApp, StartGateway
 from tests.helpers.apps import catch_all_app, named_app
 from tests.helpers.ports import free_port
+from tests.helpers.raw import RawHandler, raw_servers
 from tests.helpers.waiting import wait_until
 from tests.shadow_support import scrape
 from tests.support import admin_url, gateway_document, proxy_url
 
 pytestmark = pytest.mark.timeout(60)
 
-RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 RawServer = Callable[[RawHandler], Awaitable[str]]
 
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[RawServer]:
     """Backends written at the socket level, to misbehave exactly; returns a base URL."""
-    servers: list[asyncio.Server] = []
-    handlers: set[asyncio.Task[None]] = set()
+    async with raw_servers() as start:
 
-    async def start(handler: RawHandler) -> str:
-        async def run(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            handlers.add(task)
-            try:
-                await handler(reader, writer)
-            except (ConnectionError, asyncio.IncompleteReadError):
-                pass
-            finally:
-                writer.close()
+        async def url(handler: RawHandler) -> str:
+            return f"http://127.0.0.1:{await start(handler)}"
 
-        server = await asyncio.start_server(run, "127.0.0.1", 0)
-        servers.append(server)
-        return f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-
-    yield start
-    for task in handlers:
-        task.cancel()
-    await asyncio.gather(*handlers, return_exceptions=True)
-    for server in servers:
-        server.close()
-        await server.wait_closed()
+        yield url
 
 
 async def read_head(reader: asyncio.StreamReader) -> bytes:

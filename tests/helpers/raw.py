@@ -1,12 +1,14 @@
 """A raw HTTP/1.1 client on asyncio streams, for clients no library lets us be: slow,
 silent, malformed, oversized. It reads answers by their Content-Length and tells when
-(and whether) the server closed the connection."""
+(and whether) the server closed the connection. And raw servers, for backends that
+misbehave exactly."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,3 +102,41 @@ def request(
     if body:
         lines.append(f"Content-Length: {len(body)}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+RawHandler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+@contextlib.asynccontextmanager
+async def raw_servers() -> AsyncIterator[Callable[[RawHandler], Awaitable[int]]]:
+    """``start(handler)`` serves ``handler`` on a free loopback port and returns the port.
+    A connection the peer drops ends its handler quietly, and its socket is closed after;
+    on the way out, handlers still running (the silent ones) are cancelled."""
+    servers: list[asyncio.Server] = []
+    handlers: set[asyncio.Task[None]] = set()
+
+    async def start(handler: RawHandler) -> int:
+        async def closing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            handlers.add(task)
+            try:
+                await handler(reader, writer)
+            except (ConnectionError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                writer.close()
+
+        server = await asyncio.start_server(closing, "127.0.0.1", 0)
+        servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    try:
+        yield start
+    finally:
+        for task in handlers:
+            task.cancel()
+        await asyncio.gather(*handlers, return_exceptions=True)
+        for server in servers:
+            server.close()
+            await server.wait_closed()
