@@ -377,21 +377,11 @@ class Registry:
         version, ``champion`` := the challenger's, ``challenger`` cleared. Returns (old
         champion, new champion). The champion's move is the compare-and-set that decides:
         of two promotions at once, one wins and the other gets 409 ``alias_changed``."""
-        await self.require_model(model)
-        aliases = await self.aliases(model)
-        new = aliases.get(challenger)
-        if new is None:
-            raise RegistryError(
-                409, "no_challenger",
-                f"{model}@{challenger} points at no version: there is nothing to promote",
-            )  # fmt: skip
-        old = aliases.get(champion)
-        why = reason or f"promoted {model}@{challenger} (version {new})"
-        await self.move_alias(model, champion, new, expected=old, actor=actor, reason=why)
-        if old is not None:
-            await self.move_alias(model, previous, old, actor=actor, reason=why)
-        with contextlib.suppress(RegistryError):  # moved or cleared meanwhile: leave it
-            await self.delete_alias(model, challenger, expected=new, actor=actor, reason=why)
+        new, old = await self._rotate(
+            model, champion, source=challenger, keeper=previous, actor=actor, reason=reason,
+            what=f"promoted {model}@{challenger}", code="no_challenger",
+            nothing="there is nothing to promote",
+        )  # fmt: skip
         return old, new
 
     async def demote(
@@ -406,22 +396,36 @@ class Registry:
     ) -> tuple[int, int | None]:
         """Undo a promotion: ``champion`` := ``previous``'s version, ``challenger`` := the
         demoted champion's, ``previous`` cleared. Returns (restored champion, demoted)."""
+        return await self._rotate(
+            model, champion, source=previous, keeper=challenger, actor=actor,
+            reason=reason, what=f"rolled back to {model}@{previous}", code="no_previous",
+            nothing="there is no promotion to undo",
+        )  # fmt: skip
+
+    async def _rotate(
+        self, model: str, champion: str, *, source: str, keeper: str, actor: str, reason: str,
+        what: str, code: str, nothing: str,
+    ) -> tuple[int, int | None]:
+        """Promotion and its undoing are one rotation: ``champion`` := ``source``'s
+        version, ``keeper`` := the champion's before (when it had one, and another),
+        ``source`` cleared. Returns (new champion, old champion). The champion's move is
+        the compare-and-set that decides: of two rotations at once, one wins and the
+        other gets 409 ``alias_changed``."""
         await self.require_model(model)
         aliases = await self.aliases(model)
-        restored = aliases.get(previous)
-        if restored is None:
+        new = aliases.get(source)
+        if new is None:
             raise RegistryError(
-                409, "no_previous",
-                f"{model}@{previous} points at no version: there is no promotion to undo",
+                409, code, f"{model}@{source} points at no version: {nothing}"
             )  # fmt: skip
-        demoted = aliases.get(champion)
-        why = reason or f"rolled back to {model}@{previous} (version {restored})"
-        await self.move_alias(model, champion, restored, expected=demoted, actor=actor, reason=why)
-        if demoted is not None and demoted != restored:
-            await self.move_alias(model, challenger, demoted, actor=actor, reason=why)
-        with contextlib.suppress(RegistryError):
-            await self.delete_alias(model, previous, expected=restored, actor=actor, reason=why)
-        return restored, demoted
+        old = aliases.get(champion)
+        why = reason or f"{what} (version {new})"
+        await self.move_alias(model, champion, new, expected=old, actor=actor, reason=why)
+        if old is not None and old != new:
+            await self.move_alias(model, keeper, old, actor=actor, reason=why)
+        with contextlib.suppress(RegistryError):  # moved or cleared meanwhile: leave it
+            await self.delete_alias(model, source, expected=new, actor=actor, reason=why)
+        return new, old
 
     async def delete_version(
         self, model: str, version: int, *, actor: str = "admin", reason: str = ""
