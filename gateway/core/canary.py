@@ -304,6 +304,16 @@ def failure_bounds(evidence: Evidence, policy: Policy) -> tuple[float, float]:
     return upper_bound(c.failures, c.requests, half), lower_bound(x.failures, x.requests, half)
 
 
+def _at_most(bound: float, estimate: float | None, limit: float) -> Verdict:
+    """The verdict on a quantity that must stay at most ``limit``: FAIL when even its
+    confident lower ``bound`` is past it, else by this step's ``estimate``."""
+    if bound > limit:
+        return Verdict.FAIL
+    if estimate is None:
+        return Verdict.NO_DATA
+    return Verdict.PASS if estimate <= limit else Verdict.INCONCLUSIVE
+
+
 def check_error_rate(
     evidence: Evidence, policy: Policy, champion_high: float, challenger_low: float
 ) -> Check:
@@ -313,15 +323,9 @@ def check_error_rate(
     bound = challenger_low - champion_high  # the least the difference can be
     step_c, step_x = _rate(evidence.baseline), _rate(evidence.step_challenger)
     estimate = None if step_c is None or step_x is None else step_x - step_c
-    if bound > limit:
-        verdict = Verdict.FAIL
-    elif estimate is None:
-        verdict = Verdict.NO_DATA
-    else:
-        verdict = Verdict.PASS if estimate <= limit else Verdict.INCONCLUSIVE
     return Check(
         "error_rate",
-        verdict,
+        _at_most(bound, estimate, limit),
         estimate,
         limit,
         bound,
@@ -405,15 +409,9 @@ def check_latency(evidence: Evidence, policy: Policy) -> Check:
     bound = lower_bound(slow, x.requests, policy.alpha)
     step_x = evidence.step_challenger
     estimate = slower_than(step_x, bounds, cut) / step_x.requests if step_x.requests else None
-    if bound > allowed:
-        verdict = Verdict.FAIL
-    elif estimate is None:
-        verdict = Verdict.NO_DATA
-    else:
-        verdict = Verdict.PASS if estimate <= allowed else Verdict.INCONCLUSIVE
     return Check(
         "latency",
-        verdict,
+        _at_most(bound, estimate, allowed),
         estimate,
         allowed,
         bound,
