@@ -95,10 +95,17 @@ async def read_body(
     content = request.content
     if content.is_eof():  # the usual small body, here whole already
         return _held(content.read_nowait(-1), limit, budget)
+    chunks = await _taken(body_chunks(content, gap_seconds, limit), budget)
+    return HeldBody(b"".join(chunks), True, budget)
+
+
+async def _taken(source: AsyncIterator[bytes], budget: BufferBudget | None) -> list[bytes]:
+    """The chunks of ``source``, each taken from ``budget``; should reading fail, what
+    was taken is given back."""
     chunks: list[bytes] = []
     taken = 0
     try:
-        async for chunk in body_chunks(content, gap_seconds, limit):
+        async for chunk in source:
             if budget is not None:
                 budget.take(len(chunk))
             taken += len(chunk)
@@ -107,7 +114,7 @@ async def read_body(
         if budget is not None:
             budget.give(taken)
         raise
-    return HeldBody(b"".join(chunks), True, budget)
+    return chunks
 
 
 async def read_model(
@@ -161,22 +168,10 @@ async def read_rest(
     """The whole body, from ``held`` (its start, read by ``read_model``) and the rest;
     ``held``'s bytes are accounted for by the result from then on."""
     budget = held.budget
-    chunks = [held.data]
-    taken = 0
-    chunked = request.content_length is None
-    try:
-        rest = limit - len(held.data) if chunked else None
-        async for chunk in body_chunks(request.content, gap_seconds, rest):
-            if budget is not None:
-                budget.take(len(chunk))
-            taken += len(chunk)
-            chunks.append(chunk)
-    except BaseException:
-        if budget is not None:
-            budget.give(taken)
-        raise
+    rest = limit - len(held.data) if request.content_length is None else None
+    chunks = await _taken(body_chunks(request.content, gap_seconds, rest), budget)
     held.budget = None  # the whole body's HeldBody gives it all back
-    return HeldBody(b"".join(chunks), True, budget)
+    return HeldBody(b"".join([held.data, *chunks]), True, budget)
 
 
 def _held(data: bytes, limit: int, budget: BufferBudget | None) -> HeldBody:
