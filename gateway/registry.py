@@ -34,6 +34,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gateway.core.refused import Refused
 from gateway.store import StateStore
 
 PREFIX = "registry/"
@@ -51,13 +52,8 @@ class Unchecked(enum.Enum):
     ANY = "any"
 
 
-class RegistryError(Exception):
-    """A request the registry refuses; ``status`` and ``code`` are for the admin API."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+class RegistryError(Refused):
+    """A request the registry refuses."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from gateway.core.reference import is_reference, parse_reference, promotable
+from gateway.core.refused import Refused
 from gateway.core.split import threshold, weight_problem
 from gateway.metrics import Metrics
 from gateway.pipeline.rewrite import rewrite_for
@@ -60,13 +61,8 @@ def promotion_key(route: str) -> str:
     return f"{PREFIX}{route}/promotion"
 
 
-class SteeringError(Exception):
-    """A change the rules refuse; ``status`` and ``code`` are for the admin API."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+class SteeringError(Refused):
+    """A change of live route state the rules refuse."""
 
 
 @dataclass(frozen=True, slots=True)

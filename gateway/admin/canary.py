@@ -4,10 +4,16 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from gateway.admin.common import TARGET, json_error, json_response, settle_shadows
-from gateway.controller import CanaryError
+from gateway.admin.common import (
+    TARGET,
+    json_error,
+    json_response,
+    refused,
+    settle_shadows,
+    store_unavailable,
+)  # fmt: skip
 from gateway.core.canary import Action
-from gateway.steering import SteeringError
+from gateway.core.refused import Refused
 from gateway.store import StoreError
 
 COMMANDS = {
@@ -27,10 +33,10 @@ async def get_canary(request: web.Request) -> web.Response:
         return json_error(404, "unknown_route", f"no route named {name!r}")
     try:
         return json_response(await target.controller.view(name))
-    except CanaryError as error:
-        return json_error(error.status, error.code, str(error))
+    except Refused as error:
+        return refused(error)
     except StoreError as error:
-        return _store_down(error)
+        return store_unavailable(error)
 
 
 async def post_command(request: web.Request) -> web.Response:
@@ -45,13 +51,7 @@ async def post_command(request: web.Request) -> web.Response:
     try:
         await target.controller.command(name, action)
         return json_response(await target.controller.view(name))
-    except (CanaryError, SteeringError) as error:
-        return json_error(error.status, error.code, str(error))
+    except Refused as error:
+        return refused(error)
     except StoreError as error:
-        return _store_down(error)
-
-
-def _store_down(error: StoreError) -> web.Response:
-    # The canary's state lives in the store: without it there is nothing true to show,
-    # and a command could not be shared with the other replicas.
-    return json_error(503, "state_store_unavailable", f"the state store is unavailable: {error}")
+        return store_unavailable(error)

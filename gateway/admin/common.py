@@ -16,12 +16,14 @@ from aiohttp.typedefs import Middleware
 
 from gateway.config import GatewayConfig
 from gateway.controller import CanaryController
+from gateway.core.refused import Refused
 from gateway.metrics import Metrics
 from gateway.references import References
 from gateway.registry import Registry
 from gateway.runtime import RouteRuntime
 from gateway.shadow import ShadowRunner
 from gateway.steering import Steering
+from gateway.store import StoreError
 from gateway.tracing import TraceWriter
 
 
@@ -81,6 +83,16 @@ def json_response(data: Any, status: int = 200) -> web.Response:
 
 def json_error(status: int, code: str, message: str) -> web.Response:
     return json_response({"error": {"code": code, "message": message}}, status)
+
+
+def refused(error: Refused) -> web.Response:
+    return json_error(error.status, error.code, str(error))
+
+
+def store_unavailable(error: StoreError) -> web.Response:
+    # What lives in the store (canaries, the registry): without it there is nothing true
+    # to show, and a change could not be shared with the other replicas.
+    return json_error(503, "state_store_unavailable", f"the state store is unavailable: {error}")
 
 
 def settle_shadows(request: web.Request) -> None:

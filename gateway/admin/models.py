@@ -16,13 +16,12 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.admin.common import TARGET, json_error, json_response
+from gateway.admin.common import TARGET, json_error, json_response, refused, store_unavailable
 from gateway.config import BackendConfig
-from gateway.controller import CanaryError
 from gateway.core import canary as core
 from gateway.core.reference import is_reference, parse_reference
+from gateway.core.refused import Refused
 from gateway.registry import LATEST, Registry, RegistryError, Unchecked, check_name, parse_version
-from gateway.steering import SteeringError
 from gateway.store import StoreError
 
 _VERSION_KEYS = {"version", "backend", "url", "endpoints", "metadata", "model", "actor", "reason"}
@@ -60,14 +59,12 @@ def _handled(handler: Any) -> Any:
         try:
             response: web.Response = await handler(request)
             return response
-        except (RegistryError, SteeringError, CanaryError) as error:
-            return json_error(error.status, error.code, str(error))
+        except Refused as error:
+            return refused(error)
         except _BadBody as error:
             return json_error(400, "bad_request", str(error))
         except StoreError as error:
-            return json_error(
-                503, "state_store_unavailable", f"the state store is unavailable: {error}"
-            )
+            return store_unavailable(error)
 
     handle.__name__ = handler.__name__
     handle.__doc__ = handler.__doc__

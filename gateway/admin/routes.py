@@ -8,7 +8,7 @@ from typing import Any
 import orjson
 from aiohttp import web
 
-from gateway.admin.common import TARGET, json_error, json_response, settle_shadows
+from gateway.admin.common import TARGET, json_error, json_response, refused, settle_shadows
 from gateway.core.canary import Status
 from gateway.core.reference import is_reference
 from gateway.runtime import RouteRuntime
@@ -166,7 +166,7 @@ async def put_weight(request: web.Request) -> web.Response:
             found.name, body["challenger_weight"], actor="admin"
         )
     except SteeringError as error:
-        return json_error(error.status, error.code, str(error))
+        return refused(error)
     target = request.app[TARGET]
     view = route_view(route, target.controller.status(route.name), target.steering)
     return json_response({**view, "persisted": persisted})

@@ -42,6 +42,7 @@ from gateway.controller.counting import (
 from gateway.controller.webhooks import Webhooks
 from gateway.core import canary as core
 from gateway.core.canary import Action, Decision, Evidence, Policy, Reason, State, Status
+from gateway.core.refused import Refused
 from gateway.core.sequential import rate_bounds
 from gateway.metrics import LATENCY_BUCKETS, Metrics
 from gateway.runtime import RouteRuntime, Runtime
@@ -93,13 +94,8 @@ def policy_of(config: CanaryConfig, *, shadow_noise: bool = False) -> Policy:
     )
 
 
-class CanaryError(Exception):
-    """A command refused; ``status`` and ``code`` are for the admin API."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+class CanaryError(Refused):
+    """A canary command refused."""
 
 
 @dataclass(slots=True)
@@ -413,7 +409,7 @@ class CanaryController:
             await self._took(
                 canary, status, new, new_action(status, new, decision.action), version=written
             )
-        except CanaryError as refused:  # an automatic promotion the move refused: held
+        except (SteeringError, StoreError) as refused:  # an automatic promotion refused: held
             log.warning("canary %s: %s", canary.name, refused)
 
     def _braked(self, canary: _Canary, status: Status) -> bool:
@@ -450,14 +446,10 @@ class CanaryController:
         except (SteeringError, StoreError) as refused:
             if promoting or demoting:
                 # Nothing was promoted (or undone): e.g. the registry's aliases moved
-                # meanwhile. The status goes back, so it never says what did not happen.
+                # meanwhile. The status goes back, so it never says what did not happen;
+                # the error goes on to the command's caller.
                 await self._undo(canary, old, version)
-                status, code = (
-                    (refused.status, refused.code)
-                    if isinstance(refused, SteeringError)
-                    else (503, "state_store_unavailable")
-                )
-                raise CanaryError(status, code, f"{action.value} not done: {refused}") from None
+                raise
             # The status is written: it stands, and the leader keeps the weight in line.
             log.warning("canary %s: %s applied, its weight not: %s", name, action.value, refused)
         self._metrics.canary_decisions.labels(name, action.value).inc()
