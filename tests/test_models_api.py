@@ -236,9 +236,11 @@ async def test_a_shadow_target_by_version_number(
     }  # fmt: skip
 
 
-async def test_promotion_moves_the_aliases_and_rollback_restores_them(
+async def champion_1_challenger_2(
     start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
-) -> None:
+) -> tuple[Gateway, str]:
+    """A gateway whose route r has a canary, with iris v1 (backend v1) as champion and v2
+    (backend v2) as challenger; returns it and the model's admin URL."""
     gateway = await started(
         start_gateway, upstreams,
         canary={"steps": [0.2, 0.5], "step_interval_seconds": 60, "min_requests": 10},
@@ -248,6 +250,13 @@ async def test_promotion_moves_the_aliases_and_rollback_restores_them(
     await call(http, "POST", url + "/versions", {"backend": "v2"})
     await call(http, "PUT", url + "/aliases/champion", {"version": 1})
     await call(http, "PUT", url + "/aliases/challenger", {"version": 2})
+    return gateway, url
+
+
+async def test_promotion_moves_the_aliases_and_rollback_restores_them(
+    start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
+) -> None:
+    gateway, url = await champion_1_challenger_2(start_gateway, upstreams, http)
     status, view = await call(http, "POST", admin(gateway, "/routes/r/canary/start"))
     assert status == 200 and view["state"] == "progressing" and view["weight"] == 0.2
 
@@ -300,15 +309,7 @@ async def test_promotion_moves_the_aliases_and_rollback_restores_them(
 async def test_a_promotion_rollback_the_registry_refuses_leaves_the_canary_promoted(
     start_gateway: StartGateway, upstreams: dict[str, str], http: aiohttp.ClientSession
 ) -> None:
-    gateway = await started(
-        start_gateway, upstreams,
-        canary={"steps": [0.2, 0.5], "step_interval_seconds": 60, "min_requests": 10},
-    )  # fmt: skip
-    url = admin(gateway, "/models/iris")
-    await call(http, "POST", url + "/versions", {"backend": "v1"})
-    await call(http, "POST", url + "/versions", {"backend": "v2"})
-    await call(http, "PUT", url + "/aliases/champion", {"version": 1})
-    await call(http, "PUT", url + "/aliases/challenger", {"version": 2})
+    gateway, url = await champion_1_challenger_2(start_gateway, upstreams, http)
     await call(http, "POST", admin(gateway, "/routes/r/canary/start"))
     status, view = await call(http, "POST", admin(gateway, "/routes/r/canary/promote"))
     assert status == 200 and view["state"] == "promoted"
