@@ -305,15 +305,32 @@ def openai_stream(tokens: int, prompt: int = 17) -> list[bytes]:
 @pytest.mark.parametrize("tokens", [1, 30, 100, 2000])
 def test_long_event_stream_counts_exactly_and_keeps_a_few_kilobytes(tokens: int) -> None:
     sniffer = UsageSniffer()
-    fed = 0
     for event in openai_stream(tokens):
         sniffer.feed(event)
-        fed += len(event)
-        assert sniffer.kept_bytes <= HEAD_BYTES + 200
-        if fed > HEAD_BYTES + 200:
-            # Past its head a stream keeps its tail alone.
-            assert sniffer.kept_bytes <= TAIL_BYTES + 200, sniffer.kept_bytes
+        # An event stream's head is its first event: from the second on it keeps its
+        # tail alone (thousands are open at a time).
+        assert sniffer.kept_bytes <= TAIL_BYTES + 200, sniffer.kept_bytes
     assert sniffer.usage() == (17, tokens)
+
+
+def test_an_answer_that_is_not_an_event_stream_keeps_its_head() -> None:
+    """A JSON answer may carry its usage first, before a long body: its head is kept
+    until HEAD_BYTES have come, and the usage found there."""
+    body = b'{"usage": {"prompt_tokens": 3, "completion_tokens": 4}, "text": "' + b"x" * 50_000
+    body += b'"}'
+    sniffer = UsageSniffer()
+    for i in range(0, len(body), 200):
+        sniffer.feed(body[i : i + 200])
+        if i + 200 < HEAD_BYTES:
+            assert sniffer.kept_bytes == i + 200
+    assert sniffer.kept_bytes <= TAIL_BYTES + 200
+    assert sniffer.usage() == (3, 4)
+
+
+def test_usage_in_the_first_event_of_a_stream_is_kept() -> None:
+    first = b'data: {"usage": {"prompt_tokens": 6, "completion_tokens": 7}}\n\n'
+    events = [first] + [b'data: {"choices": [], "usage": null}\n\n'] * 200
+    assert sniff(events) == (6, 7)
 
 
 @given(st.integers(0, 400), st.lists(st.integers(1, 700), min_size=1, max_size=60))

@@ -21,6 +21,9 @@ HEAD_BYTES = 8 * 1024
 TAIL_BYTES = 2 * 1024
 _USAGE_KEY = b'"usage"'
 
+# How an event stream (server-sent events) starts: with one of its fields, or a comment.
+_EVENT_STREAM_STARTS = (b"data:", b"event:", b"id:", b"retry:", b":")
+
 # (prompt_tokens, completion_tokens). A plain tuple: it is made for every traced answer,
 # and a NamedTuple's constructor is a Python-level call that costs more than the parse.
 TokenCounts = tuple[int, int]
@@ -141,15 +144,23 @@ class _HeadAndTail:
     keeps only its tail, a few kilobytes, not head and tail. What the head held is kept as
     its counts, and its last bytes move to the tail, so that a ``"usage"`` key across the
     boundary is still found whole there; a ``usage`` object open at the head's end is
-    taken into the head whole."""
+    taken into the head whole.
 
-    __slots__ = ("_dropped", "_head", "_head_counts", "_head_size", "_tail", "_tail_size")
+    An event stream's head is its first chunk alone: its usage comes in its last events,
+    not its first, and a head of HEAD_BYTES kept by each of thousands of streams until
+    it fills up was most of what a stream cost in memory (the pages stay the process's
+    once the heads are let go)."""
+
+    __slots__ = (
+        "_dropped", "_head", "_head_counts", "_head_limit", "_head_size", "_tail", "_tail_size"
+    )  # fmt: skip
 
     def __init__(self, first: bytes) -> None:
         self._dropped = False  # bytes were dropped from the tail's front
         self._head: list[bytes] | None = [first]  # None once read and let go
         self._head_counts: TokenCounts | None = None  # what the head held, then
         self._head_size = len(first)
+        self._head_limit = 0 if first.startswith(_EVENT_STREAM_STARTS) else HEAD_BYTES
         # A list, not a deque: a few chunks at a time, and an empty deque alone is 760
         # bytes (thousands of streams keep one each).
         self._tail: list[bytes] = []
@@ -159,7 +170,7 @@ class _HeadAndTail:
         head = self._head
         tail = self._tail
         if head is not None and not tail:
-            if self._head_size >= HEAD_BYTES:
+            if self._head_size >= self._head_limit:
                 # Complete: let go of it, unless a usage object is open at its end, which
                 # it then takes in whole (up to twice its size; after that, as before).
                 data = b"".join(head)
