@@ -120,6 +120,72 @@ async def test_an_idle_kept_alive_connection_is_closed_at_the_idle_timeout(
     await wait_until(lambda: rejected(gateway, "idle_timeout") == 1, "the idle close counted")
 
 
+STREAM_EVENTS = 8
+STREAM_GAP = 0.2  # 8 events 0.2 s apart: longer than the header and the idle timeouts
+
+
+async def events(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    for i in range(STREAM_EVENTS):
+        await response.write(b"data: %d\n\n" % i)
+        await asyncio.sleep(STREAM_GAP)
+    await response.write_eof()
+    return response
+
+
+async def streamed_answer(conn: Any) -> bytes:
+    """Ask for the event stream on ``conn`` and read its answer to the end."""
+    await conn.send(request("GET", "/v1/events"))
+    async with asyncio.timeout(STREAM_EVENTS * STREAM_GAP + 5):
+        head = await conn.reader.readuntil(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200"), head
+        assert b"transfer-encoding: chunked" in head.lower()
+        body: bytes = await conn.reader.readuntil(b"\r\n0\r\n\r\n")
+    return body
+
+
+async def stream_gateway(start_app: StartApp, start_gateway: StartGateway) -> Gateway:
+    upstream = await start_app(catch_all_app(events))
+    return await start_gateway(
+        gateway_document(
+            {"one": {"url": upstream}},
+            [{"name": "r", "match": {"path_prefix": "/v1"}, "champion": "one"}],
+            server=limits(),
+        )
+    )
+
+
+async def test_a_long_stream_is_not_cut_by_the_idle_timeout_which_applies_after_it(
+    start_app: StartApp, start_gateway: StartGateway, raw: RawConnections
+) -> None:
+    """While a streamed answer is under way the connection's idle and head timers are
+    let go of (edge.answer_is_a_stream); once it ends, the idle timeout counts again."""
+    gateway = await stream_gateway(start_app, start_gateway)
+    conn = await raw.open(gateway.proxy_port)
+    body = await streamed_answer(conn)
+    assert body.count(b"data: ") == STREAM_EVENTS
+    answered = time.monotonic()
+    closed = await conn.closed_within(IDLE_TIMEOUT + SLACK)
+    assert closed is not None
+    assert time.monotonic() - answered >= IDLE_TIMEOUT - 0.05
+    await wait_until(lambda: rejected(gateway, "idle_timeout") == 1, "the idle close counted")
+
+
+async def test_a_slow_head_after_a_long_stream_gets_408(
+    start_app: StartApp, start_gateway: StartGateway, raw: RawConnections
+) -> None:
+    gateway = await stream_gateway(start_app, start_gateway)
+    conn = await raw.open(gateway.proxy_port)
+    await streamed_answer(conn)
+    started = time.monotonic()
+    await conn.send(b"GET /v1/x HTTP/1.1\r\nHost: a\r\n")  # ...and never the end of it
+    answer = await conn.answer(within=HEADER_TIMEOUT + SLACK)
+    assert answer.status == 408
+    assert time.monotonic() - started >= HEADER_TIMEOUT - 0.05
+    assert rejected(gateway, "header_timeout") == 1
+
+
 async def test_a_stalled_request_body_gets_408_and_the_connection_closes(
     start_app: StartApp, start_gateway: StartGateway, raw: RawConnections
 ) -> None:

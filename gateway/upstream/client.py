@@ -458,6 +458,10 @@ def _bad_status(status: int, reason: str) -> str:
     return f"the backend answered with an invalid status line ({status:03d} {reason})"
 
 
+# The headers that say where an answer ends.
+_FRAMING: Final = (b"content-length", b"transfer-encoding")
+
+
 def _ends_at_close(exchange: _Exchange) -> bool:
     """Whether an answer whose head has arrived is delimited by the connection's close:
     no Content-Length and no Transfer-Encoding (RFC 9112 6.3, last rule)."""
@@ -465,11 +469,7 @@ def _ends_at_close(exchange: _Exchange) -> bool:
         return False
     if exchange.head_request or exchange.status in (204, 304):
         return False  # no body at all: complete already when the head came
-    for name, _ in exchange.raw_headers:
-        lowered = name.lower()
-        if lowered == b"content-length" or lowered == b"transfer-encoding":
-            return False
-    return True
+    return all(name.lower() not in _FRAMING for name, _ in exchange.raw_headers)
 
 
 class UpstreamResponse:
@@ -535,9 +535,16 @@ class UpstreamResponse:
         chunk, which is most of what relaying a small chunk (a token) costs in Python.
         ``sink`` returns False when its receiver is full: reading from the backend stops
         until ``drain()`` returns (which raises, should the receiver be gone). Returns
-        at the end of the answer; raises as ``chunks()`` does. ``sink`` must not block."""
+        at the end of the answer; raises as ``chunks()`` does. ``sink`` must not block.
+        ``headers`` is empty from the first call on: a piped answer may stay open for
+        minutes, thousands at a time, and of its head only what finding its end needs
+        (_ends_at_close) is kept."""
         conn = self._conn
         exchange = self._exchange
+        self.headers = []
+        exchange.raw_headers = [
+            (name, value) for name, value in exchange.raw_headers if name.lower() in _FRAMING
+        ]
         while exchange.chunks:  # what came before
             if not sink(conn.take_chunk(exchange)):
                 await drain()
