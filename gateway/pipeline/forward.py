@@ -21,7 +21,7 @@ from multidict import CIMultiDict
 
 from gateway.core.split import VARIANT_TEXT, Variant
 from gateway.core.usage import DecodingUsageSniffer, UsageSniffer, usage_of_encoded
-from gateway.edge import close_after_answer
+from gateway.edge import answer_is_a_stream, close_after_answer
 from gateway.metrics import RouteMetrics
 from gateway.pipeline import record
 from gateway.pipeline.body import BufferBudget, body_chunks
@@ -57,7 +57,7 @@ from gateway.upstream import (
     UpstreamOverloaded,
     UpstreamResponse,
 )
-from gateway.writes import watch_client
+from gateway.writes import BatchedTransport, watch_client
 
 # RFC 9110 7.6.1: meaningful for one connection only, never forwarded.
 HOP_BY_HOP = frozenset(
@@ -549,6 +549,7 @@ class Forwarder:
                 # chunks (an LLM thinking), the upstream connection is closed at once,
                 # not when the next chunk finds nobody to write to.
                 watched = watch_client(request, upstream.close)
+                answer_is_a_stream(request)
                 usage: UsageSniffer | DecodingUsageSniffer | None = None
                 if traced:
                     usage = UsageSniffer() if coding is None else DecodingUsageSniffer(coding)
@@ -636,13 +637,24 @@ async def _relay_chunked(
     write would."""
     protocol = writer.protocol
     sent = 0
+    # Chunks go to the socket's own transport, not through the pass's write batch: a
+    # stream writes one chunk per connection per loop pass, so holding it to the pass's
+    # end saves no wake-up and costs two Python calls a chunk. What is held already (the
+    # answer's head) goes first, so the order stays as written.
+    client = protocol.transport
+    if isinstance(client, BatchedTransport):
+        client.flush()
+        client = client.transport
+    if client is None:
+        raise ConnectionResetError("Cannot write to closing transport")
+    write = client.write
+    closing = client.is_closing
 
     def sink(chunk: bytes) -> bool:
         nonlocal sent
-        transport = protocol.transport
-        if transport is None or transport.is_closing():
+        if protocol.transport is None or closing():
             return False  # drain() raises
-        transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         sent += len(chunk)
         if usage is not None:
             usage.feed(chunk)
