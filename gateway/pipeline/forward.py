@@ -9,12 +9,14 @@ read for the trace's token counts and copied for the shadow, each only when aske
 
 from __future__ import annotations
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TypeGuard
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
+from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http_writer import StreamWriter
 from aiohttp.web_protocol import RequestPayloadError
 from multidict import CIMultiDict
@@ -636,7 +638,6 @@ async def _relay_chunked(
     reads slowly slows the backend; one gone raises ConnectionResetError, as aiohttp's
     write would."""
     protocol = writer.protocol
-    sent = 0
     # Chunks go to the socket's own transport, not through the pass's write batch: a
     # stream writes one chunk per connection per loop pass, so holding it to the pass's
     # end saves no wake-up and costs two Python calls a chunk. What is held already (the
@@ -647,20 +648,7 @@ async def _relay_chunked(
         client = client.transport
     if client is None:
         raise ConnectionResetError("Cannot write to closing transport")
-    write = client.write
-    closing = client.is_closing
-
-    def sink(chunk: bytes) -> bool:
-        nonlocal sent
-        if protocol.transport is None or closing():
-            return False  # drain() raises
-        write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        sent += len(chunk)
-        if usage is not None:
-            usage.feed(chunk)
-        if copy is not None:
-            copy.feed(chunk)
-        return not protocol._paused
+    relay = _ChunkRelay(protocol, client, usage, copy)
 
     async def drain() -> None:
         transport = protocol.transport
@@ -669,9 +657,45 @@ async def _relay_chunked(
         await writer.drain()
 
     try:
-        await upstream.pipe(sink, drain)
+        await upstream.pipe(relay.sink, drain)
     finally:
-        writer.output_size += sent  # the response's body_length, as aiohttp counts it
+        writer.output_size += relay.sent  # the response's body_length, as aiohttp counts it
+
+
+class _ChunkRelay:
+    """``_relay_chunked``'s sink: one object with slots rather than a closure, whose
+    cells are an object each, as it is read for every chunk of thousands of streams
+    whose objects are no longer in the CPU's caches."""
+
+    __slots__ = ("closing", "copy", "protocol", "sent", "usage", "write")
+
+    def __init__(
+        self,
+        protocol: BaseProtocol,
+        client: asyncio.Transport,
+        usage: UsageSniffer | DecodingUsageSniffer | None,
+        copy: BoundedCopy | None,
+    ) -> None:
+        self.protocol = protocol
+        self.write = client.write
+        self.closing = client.is_closing
+        self.usage = usage
+        self.copy = copy
+        self.sent = 0
+
+    def sink(self, chunk: bytes) -> bool:
+        protocol = self.protocol
+        if protocol.transport is None or self.closing():
+            return False  # drain() raises
+        self.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        self.sent += len(chunk)
+        usage = self.usage
+        if usage is not None:
+            usage.feed(chunk)
+        copy = self.copy
+        if copy is not None:
+            copy.feed(chunk)
+        return not protocol._paused
 
 
 def _forget(error: BaseException | None) -> None:
