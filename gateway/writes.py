@@ -24,6 +24,10 @@ What a caller sees is the same as writing at once, a little later:
 - a connection holding more than ``FLUSH_BYTES`` writes at once, so a large body is
   never held in memory beside the transport's own buffer and back-pressure still works.
 
+A streamed answer's chunks bypass the batch (``forward._relay_chunked`` writes them to
+the socket's transport, after flushing what is held): one chunk per connection per pass
+gains nothing from being held.
+
 Not supported: ``loop.sendfile()`` on a wrapped transport (asyncio's refuses it, which
 aiohttp's FileResponse does not fall back from). The proxy listener serves no files.
 

@@ -632,11 +632,11 @@ async def _relay_chunked(
 ) -> None:
     """What ``StreamResponse.write`` does for each chunk of a plain chunked answer, done
     from the upstream connection's callback as each chunk arrives (``pipe``): the chunk
-    in its frame, in one write to the client's transport (which holds it to the end of
-    the loop pass, writes.py), read for the trace and copied for the shadow. While that
-    transport is above its high-water mark the backend is not read, so a client that
-    reads slowly slows the backend; one gone raises ConnectionResetError, as aiohttp's
-    write would."""
+    in its frame, in one write to the client's socket transport (not held to the end of
+    the loop pass as other writes are: see below), read for the trace and copied for
+    the shadow. While that transport is above its high-water mark the backend is not
+    read, so a client that reads slowly slows the backend; one gone raises
+    ConnectionResetError, as aiohttp's write would."""
     protocol = writer.protocol
     # Chunks go to the socket's own transport, not through the pass's write batch: a
     # stream writes one chunk per connection per loop pass, so holding it to the pass's
