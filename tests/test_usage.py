@@ -13,6 +13,7 @@ from gateway.core.usage import (
     NO_USAGE,
     SMALL_ANSWER_BYTES,
     TAIL_BYTES,
+    TAIL_SLACK_BYTES,
     TokenCounts,
     UsageSniffer,
     find_usage,
@@ -309,7 +310,7 @@ def test_long_event_stream_counts_exactly_and_keeps_a_few_kilobytes(tokens: int)
         sniffer.feed(event)
         # An event stream's head is its first event: from the second on it keeps its
         # tail alone (thousands are open at a time).
-        assert sniffer.kept_bytes <= TAIL_BYTES + 200, sniffer.kept_bytes
+        assert sniffer.kept_bytes <= TAIL_BYTES + TAIL_SLACK_BYTES, sniffer.kept_bytes
     assert sniffer.usage() == (17, tokens)
 
 
@@ -323,7 +324,7 @@ def test_an_answer_that_is_not_an_event_stream_keeps_its_head() -> None:
         sniffer.feed(body[i : i + 200])
         if i + 200 < HEAD_BYTES:
             assert sniffer.kept_bytes == i + 200
-    assert sniffer.kept_bytes <= TAIL_BYTES + 200
+    assert sniffer.kept_bytes <= TAIL_BYTES + TAIL_SLACK_BYTES
     assert sniffer.usage() == (3, 4)
 
 

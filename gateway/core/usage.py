@@ -32,7 +32,7 @@ NO_USAGE: TokenCounts = (0, 0)
 
 
 class UsageSniffer:
-    """Keeps the head and tail of a byte stream, bounded, without copying chunks.
+    """Keeps the head and tail of a byte stream, bounded.
 
     Most answers arrive in one chunk: that one is only referenced, and the head/tail
     bookkeeping starts with the second.
@@ -136,8 +136,8 @@ def usage_of_encoded(data: bytes, coding: str) -> TokenCounts:
 
 
 class _HeadAndTail:
-    """The head of a stream (its first HEAD_BYTES) and its tail (at least its last
-    TAIL_BYTES), as references to the chunks.
+    """The head of a stream (its first HEAD_BYTES, as references to its chunks) and its
+    tail (at least its last TAIL_BYTES, a copy).
 
     Once the head is complete it is read at once, and let go of unless a ``usage``
     object is open at its end: an event stream (thousands of them open at a time) then
@@ -152,7 +152,7 @@ class _HeadAndTail:
     once the heads are let go)."""
 
     __slots__ = (
-        "_dropped", "_head", "_head_counts", "_head_limit", "_head_size", "_tail", "_tail_size"
+        "_dropped", "_head", "_head_counts", "_head_limit", "_head_size", "_tail"
     )  # fmt: skip
 
     def __init__(self, first: bytes) -> None:
@@ -161,10 +161,10 @@ class _HeadAndTail:
         self._head_counts: TokenCounts | None = None  # what the head held, then
         self._head_size = len(first)
         self._head_limit = 0 if first.startswith(_EVENT_STREAM_STARTS) else HEAD_BYTES
-        # A list, not a deque: a few chunks at a time, and an empty deque alone is 760
-        # bytes (thousands of streams keep one each).
-        self._tail: list[bytes] = []
-        self._tail_size = 0
+        # A copy, cut back to TAIL_BYTES once it is TAIL_SLACK_BYTES past it: a few lines of
+        # Python per chunk (a list of the chunks, each dropped in turn, was three times
+        # as many, for every chunk of thousands of streams).
+        self._tail = bytearray()
 
     def feed(self, chunk: bytes) -> None:
         head = self._head
@@ -184,44 +184,37 @@ class _HeadAndTail:
                 head.append(chunk)
                 self._head_size += len(chunk)
                 return
-        tail.append(chunk)
-        self._tail_size += len(chunk)
-        # Drop whole chunks that no longer reach into the last TAIL_BYTES.
-        if len(tail) > 1 and self._tail_size - len(tail[0]) >= TAIL_BYTES:
-            dropped = 0
-            size = self._tail_size
-            while dropped < len(tail) - 1 and size - len(tail[dropped]) >= TAIL_BYTES:
-                size -= len(tail[dropped])
-                dropped += 1
-            del tail[:dropped]
-            self._tail_size = size
+        tail += chunk
+        if len(tail) > TAIL_BYTES + TAIL_SLACK_BYTES:
+            del tail[:-TAIL_BYTES]
             self._dropped = True
 
     def _let_go_of_head(self, data: bytes) -> None:
         self._head_counts = find_usage(data)
         self._head = None
         # The head's last bytes start the tail (a key cut in two is found there).
-        overlap = data[-_OVERLAP_BYTES:]
-        self._tail.append(overlap)
-        self._tail_size = len(overlap)
+        self._tail += data[-_OVERLAP_BYTES:]
 
     @property
     def kept_bytes(self) -> int:
-        return (self._head_size if self._head is not None else 0) + self._tail_size
+        return (self._head_size if self._head is not None else 0) + len(self._tail)
 
     def usage(self) -> TokenCounts:
         head = self._head
         if head is None:
-            return find_usage(b"".join(self._tail)) or self._head_counts or NO_USAGE
+            return find_usage(bytes(self._tail)) or self._head_counts or NO_USAGE
         joined = b"".join(head)
         if not self._tail:
             return usage_of_answer(joined)
-        tail = b"".join(self._tail)
+        tail = bytes(self._tail)
         if not self._dropped:
             # head + tail is the whole answer: a usage object split between them counts.
             return find_usage(joined + tail) or NO_USAGE
         return find_usage(tail) or find_usage(joined) or NO_USAGE
 
+
+# The tail grows this far past TAIL_BYTES before it is cut back (a cut is a copy).
+TAIL_SLACK_BYTES = 512
 
 # Bytes of a let-go head that start the tail: more than a "usage" key with its spacing.
 _OVERLAP_BYTES = 64
