@@ -32,36 +32,85 @@ NO_USAGE: TokenCounts = (0, 0)
 
 
 class UsageSniffer:
-    """Keeps the head and tail of a byte stream, bounded.
+    """The head of a byte stream (its first HEAD_BYTES, as references to its chunks) and
+    its tail (at least its last TAIL_BYTES, a copy), for the usage they hold.
 
-    Most answers arrive in one chunk: that one is only referenced, and the head/tail
-    bookkeeping starts with the second.
-    """
+    Most answers arrive in one chunk: that one is only referenced. Once the head is
+    complete it is read at once, and let go of unless a ``usage`` object is open at its
+    end: an event stream (thousands of them open at a time) then keeps only its tail, a
+    few kilobytes, not head and tail. What the head held is kept as its counts, and its
+    last bytes move to the tail, so that a ``"usage"`` key across the boundary is still
+    found whole there; a ``usage`` object open at the head's end is taken into the head
+    whole.
 
-    __slots__ = ("_first", "_spill")
+    An event stream's head is its first chunk alone: its usage comes in its last events,
+    not its first, and a head of HEAD_BYTES kept by each of thousands of streams until
+    it fills up was most of what a stream cost in memory (the pages stay the process's
+    once the heads are let go)."""
+
+    __slots__ = ("_dropped", "_head", "_head_counts", "_head_limit", "_head_size", "_tail")
 
     def __init__(self) -> None:
-        self._first = b""
-        self._spill: _HeadAndTail | None = None
+        self._head: list[bytes] | None = []  # None once read and let go
+        self._head_size = 0
+        self._head_limit = HEAD_BYTES
+        self._head_counts: TokenCounts | None = None  # what the head held, then
+        # A copy, cut back to TAIL_BYTES once it is TAIL_SLACK_BYTES past it: three lines
+        # of Python per chunk (a list of the chunks, each dropped in turn, was fifteen,
+        # for every chunk of thousands of streams).
+        self._tail = bytearray()
+        self._dropped = False  # bytes were dropped from the tail's front
 
     def feed(self, chunk: bytes) -> None:
-        spill = self._spill
-        if spill is None:
-            if not self._first:
-                self._first = chunk
-                return
-            spill = self._spill = _HeadAndTail(self._first)
-        spill.feed(chunk)
+        head = self._head
+        tail = self._tail
+        if head is not None and not tail and self._into_head(head, chunk):
+            return
+        tail += chunk
+        if len(tail) > TAIL_BYTES + TAIL_SLACK_BYTES:
+            del tail[:-TAIL_BYTES]
+            self._dropped = True
+
+    def _into_head(self, head: list[bytes], chunk: bytes) -> bool:
+        """Whether ``chunk`` goes into the head (it is taken there). A complete head is
+        read first, and let go of unless a usage object is open at its end, which it
+        then takes in whole (up to twice its size; after that, the tail takes it)."""
+        if head and self._head_size >= self._head_limit:
+            data = b"".join(head)
+            if not _open_usage(data):
+                self._let_go_of_head(data)
+                return False
+            if self._head_size >= 2 * HEAD_BYTES:
+                return False
+        elif not head and chunk.startswith(_EVENT_STREAM_STARTS):
+            self._head_limit = 0
+        head.append(chunk)
+        self._head_size += len(chunk)
+        return True
+
+    def _let_go_of_head(self, data: bytes) -> None:
+        self._head_counts = find_usage(data)
+        self._head = None
+        # The head's last bytes start the tail (a key cut in two is found there).
+        self._tail += data[-_OVERLAP_BYTES:]
 
     @property
     def kept_bytes(self) -> int:
         """Bytes referenced right now (bounded by about HEAD_BYTES + TAIL_BYTES)."""
-        return len(self._first) if self._spill is None else self._spill.kept_bytes
+        return (self._head_size if self._head is not None else 0) + len(self._tail)
 
     def usage(self) -> TokenCounts:
-        if self._spill is None:
-            return usage_of_answer(self._first)
-        return self._spill.usage()
+        head = self._head
+        if head is None:
+            return find_usage(bytes(self._tail)) or self._head_counts or NO_USAGE
+        joined = b"".join(head)  # the chunk itself when there is one
+        if not self._tail:
+            return usage_of_answer(joined)
+        tail = bytes(self._tail)
+        if not self._dropped:
+            # head + tail is the whole answer: a usage object split between them counts.
+            return find_usage(joined + tail) or NO_USAGE
+        return find_usage(tail) or find_usage(joined) or NO_USAGE
 
 
 # An encoded answer is decoded as it streams, this many bytes at a time (only the head
@@ -133,84 +182,6 @@ def usage_of_encoded(data: bytes, coding: str) -> TokenCounts:
     sniffer = DecodingUsageSniffer(coding)
     sniffer.feed(data)
     return sniffer.usage()
-
-
-class _HeadAndTail:
-    """The head of a stream (its first HEAD_BYTES, as references to its chunks) and its
-    tail (at least its last TAIL_BYTES, a copy).
-
-    Once the head is complete it is read at once, and let go of unless a ``usage``
-    object is open at its end: an event stream (thousands of them open at a time) then
-    keeps only its tail, a few kilobytes, not head and tail. What the head held is kept as
-    its counts, and its last bytes move to the tail, so that a ``"usage"`` key across the
-    boundary is still found whole there; a ``usage`` object open at the head's end is
-    taken into the head whole.
-
-    An event stream's head is its first chunk alone: its usage comes in its last events,
-    not its first, and a head of HEAD_BYTES kept by each of thousands of streams until
-    it fills up was most of what a stream cost in memory (the pages stay the process's
-    once the heads are let go)."""
-
-    __slots__ = (
-        "_dropped", "_head", "_head_counts", "_head_limit", "_head_size", "_tail"
-    )  # fmt: skip
-
-    def __init__(self, first: bytes) -> None:
-        self._dropped = False  # bytes were dropped from the tail's front
-        self._head: list[bytes] | None = [first]  # None once read and let go
-        self._head_counts: TokenCounts | None = None  # what the head held, then
-        self._head_size = len(first)
-        self._head_limit = 0 if first.startswith(_EVENT_STREAM_STARTS) else HEAD_BYTES
-        # A copy, cut back to TAIL_BYTES once it is TAIL_SLACK_BYTES past it: a few lines of
-        # Python per chunk (a list of the chunks, each dropped in turn, was three times
-        # as many, for every chunk of thousands of streams).
-        self._tail = bytearray()
-
-    def feed(self, chunk: bytes) -> None:
-        head = self._head
-        tail = self._tail
-        if head is not None and not tail:
-            if self._head_size >= self._head_limit:
-                # Complete: let go of it, unless a usage object is open at its end, which
-                # it then takes in whole (up to twice its size; after that, as before).
-                data = b"".join(head)
-                if not _open_usage(data):
-                    self._let_go_of_head(data)
-                elif self._head_size < 2 * HEAD_BYTES:
-                    head.append(chunk)
-                    self._head_size += len(chunk)
-                    return
-            else:
-                head.append(chunk)
-                self._head_size += len(chunk)
-                return
-        tail += chunk
-        if len(tail) > TAIL_BYTES + TAIL_SLACK_BYTES:
-            del tail[:-TAIL_BYTES]
-            self._dropped = True
-
-    def _let_go_of_head(self, data: bytes) -> None:
-        self._head_counts = find_usage(data)
-        self._head = None
-        # The head's last bytes start the tail (a key cut in two is found there).
-        self._tail += data[-_OVERLAP_BYTES:]
-
-    @property
-    def kept_bytes(self) -> int:
-        return (self._head_size if self._head is not None else 0) + len(self._tail)
-
-    def usage(self) -> TokenCounts:
-        head = self._head
-        if head is None:
-            return find_usage(bytes(self._tail)) or self._head_counts or NO_USAGE
-        joined = b"".join(head)
-        if not self._tail:
-            return usage_of_answer(joined)
-        tail = bytes(self._tail)
-        if not self._dropped:
-            # head + tail is the whole answer: a usage object split between them counts.
-            return find_usage(joined + tail) or NO_USAGE
-        return find_usage(tail) or find_usage(joined) or NO_USAGE
 
 
 # The tail grows this far past TAIL_BYTES before it is cut back (a cut is a copy).
