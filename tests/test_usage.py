@@ -83,6 +83,20 @@ def test_usage_inside_a_string_is_not_taken() -> None:
     assert find_usage(only_in_string) is None
 
 
+@pytest.mark.parametrize(
+    "usage",
+    [
+        b'{"prompt_tokens": 5, "completion_tokens": 2}',  # flat: its end found at once
+        b'{"note": "a}b", "prompt_tokens": 5, "completion_tokens": 2}',  # "}" in a string
+        b'{"note": "a{b", "prompt_tokens": 5, "completion_tokens": 2}',  # "{" in a string
+        b'{"prompt_tokens": 5, "details": {"cached": 1}, "completion_tokens": 2}',  # nested
+    ],
+)
+def test_usage_objects_of_every_shape_are_read_whole(usage: bytes) -> None:
+    assert find_usage(b'data: {"choices": [], "usage": ' + usage + b"}\n\n") == (5, 2)
+    assert find_usage(b'{"usage": ' + usage) == (5, 2)  # the answer cut off after it
+
+
 def test_bad_counts_are_zero() -> None:
     assert find_usage(b'{"usage": {"prompt_tokens": -3, "completion_tokens": true}}') == (0, 0)
     assert find_usage(b'{"usage": {"prompt_tokens": "5", "completion_tokens": 2.5}}') == (0, 0)

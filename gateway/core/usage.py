@@ -334,7 +334,17 @@ def _usage_at(data: bytes, start: int) -> TokenCounts | None:
         index += 1
     if index >= length or data[index] != ord("{"):
         return None  # "usage": null, or cut off
-    end = _matching_brace(data, index)
+    end = data.find(b"}", index)
+    if end != -1 and data.find(b"{", index + 1, end) == -1:
+        # Flat, as servers send it: the object's end is found in C. Should that brace be
+        # inside a string, the slice does not parse, and the brace is matched below.
+        try:
+            usage = orjson.loads(data[index : end + 1])
+        except orjson.JSONDecodeError:
+            pass
+        else:
+            return _counts_of(usage) if isinstance(usage, dict) else None
+    end = _matching_brace(data, index)  # nested objects: brace by brace, in Python
     if end == -1:
         return None
     try:
