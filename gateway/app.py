@@ -43,6 +43,7 @@ from gateway.text import counted
 from gateway.tracing import TraceWriter
 from gateway.upstream import BackendPool, UpstreamClient
 from gateway.upstream.health import HealthChecker
+from gateway.waiting import describe_tasks
 from gateway.writes import WriteBatch
 
 log = logging.getLogger("gateway")
@@ -50,6 +51,8 @@ log = logging.getLogger("gateway")
 # How long the admin listener lets a running call finish when the gateway stops (after
 # the proxy has drained), twice at most: its calls are short.
 ADMIN_SHUTDOWN_SECONDS = 2.0
+# How much longer than the drain timeout stopping may take before the log says why.
+STOP_GRACE_SECONDS = 15.0
 # File descriptors kept for everything but client connections (the admin listener,
 # the state store, Redis, logs, some backend connections): max_connections is lowered to
 # leave them when the process may not open enough files.
@@ -316,7 +319,15 @@ class Gateway:
         if self._proxy is not None:
             self._proxy.draining = True
         if self._services is not None:
-            await self._services.aclose()
+            # Closing should take the drain at most, and a few seconds more; should it
+            # not end, the log says what every task is waiting on.
+            late = asyncio.get_running_loop().call_later(
+                self.config.server.drain_timeout_seconds + STOP_GRACE_SECONDS, _stop_is_late
+            )
+            try:
+                await self._services.aclose()
+            finally:
+                late.cancel()
             self._services = None
         # The last requests' counts: under --workers they outlive this process in its
         # metric files.
@@ -413,6 +424,14 @@ class Gateway:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
             await self.stop()
+
+
+def _stop_is_late() -> None:
+    log.error(
+        "stopping has taken %gs more than the drain timeout; what is still running:\n  %s",
+        STOP_GRACE_SECONDS,
+        "\n  ".join(describe_tasks()),
+    )
 
 
 async def _let_go(old: list[object], batch: int = 500) -> None:
