@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.app import Gateway
 from gateway.edge import RejectLog
 from tests.conftest import StartApp, StartGateway
-from tests.helpers.apps import catch_all_app
+from tests.helpers.apps import catch_all_app, hung_app
 from tests.helpers.raw import RawConnections, request
 from tests.helpers.waiting import wait_until
 from tests.support import admin_url, gateway_document, proxy_url
@@ -371,13 +371,7 @@ async def test_stop_is_bounded_by_the_drain_timeout_in_total(
 ) -> None:
     """aiohttp alone waits the timeout for handlers, and again after cancelling them."""
     hung = asyncio.Event()
-
-    async def never(request: web.Request) -> web.Response:
-        hung.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    upstream = await start_app(catch_all_app(never))
+    upstream = await start_app(hung_app(hung))
     drain = 1.0
     gateway = await start_gateway(
         gateway_document(

@@ -7,12 +7,11 @@ import logging
 
 import aiohttp
 import pytest
-from aiohttp import web
 
 from gateway import app as app_module
 from gateway.waiting import describe, describe_tasks
 from tests.conftest import StartApp, StartGateway
-from tests.helpers.apps import catch_all_app
+from tests.helpers.apps import hung_app
 from tests.support import gateway_document, proxy_url
 
 pytestmark = pytest.mark.timeout(30)
@@ -52,13 +51,7 @@ async def test_a_stop_that_outlives_the_drain_logs_what_it_waits_on(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     hung = asyncio.Event()
-
-    async def never(request: web.Request) -> web.Response:
-        hung.set()
-        await asyncio.Event().wait()
-        raise AssertionError("unreachable")
-
-    upstream = await start_app(catch_all_app(never))
+    upstream = await start_app(hung_app(hung))
     gateway = await start_gateway(
         gateway_document(
             {"one": {"url": upstream, "timeout_seconds": 600}},

@@ -3,6 +3,7 @@ fixture): one handler for every method and path."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -26,3 +27,14 @@ def named_app(name: str) -> web.Application:
         return web.json_response({"backend": name})
 
     return catch_all_app(answer)
+
+
+def hung_app(started: asyncio.Event) -> web.Application:
+    """An upstream that never answers; ``started`` is set once a request is in."""
+
+    async def never(request: web.Request) -> web.Response:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return catch_all_app(never)
