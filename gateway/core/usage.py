@@ -19,6 +19,8 @@ import orjson
 
 HEAD_BYTES = 8 * 1024
 TAIL_BYTES = 2 * 1024
+# The tail grows this far past TAIL_BYTES before it is cut back (a cut is a copy).
+TAIL_SLACK_BYTES = 512
 _USAGE_KEY = b'"usage"'
 
 # How an event stream (server-sent events) starts: with one of its fields, or a comment.
@@ -183,9 +185,6 @@ def usage_of_encoded(data: bytes, coding: str) -> TokenCounts:
     sniffer.feed(data)
     return sniffer.usage()
 
-
-# The tail grows this far past TAIL_BYTES before it is cut back (a cut is a copy).
-TAIL_SLACK_BYTES = 512
 
 # Bytes of a let-go head that start the tail: more than a "usage" key with its spacing.
 _OVERLAP_BYTES = 64
