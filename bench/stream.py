@@ -216,9 +216,18 @@ class Bench:
         t0 = time.monotonic()
         client = self.client(proxy.url, *self.stream_args(streams, self.args.chunks))
         peak = rss0
+        # The steady window: every stream open (the ramp and a first chunk's wait past)
+        # and none ended yet. CPU in it, per chunk sent in it, is what relaying costs
+        # without opening and closing streams; the rest of the run's CPU is that.
+        opened = t0 + self.args.ramp + 0.5
+        ending = t0 + self.args.chunks * self.args.interval_ms / 1000 - 0.5
+        window: list[tuple[float, float]] = []
         while client.poll() is None:
             if pid is not None:
                 peak = max(peak, tree_rss(pid))
+                now = time.monotonic()
+                if (not window and now >= opened) or (len(window) == 1 and now >= ending):
+                    window.append((now, tree_cpu(pid)))
             time.sleep(0.2)
         out, _ = client.communicate()
         wall = time.monotonic() - t0
@@ -231,11 +240,19 @@ class Bench:
         ours = (own1 - own0) + (up1 - up0) + (cpu1 - cpu0)
         others = max(0.0, (busy1 - busy0) - ours) / wall
         chunks = max(1, result["chunks"])
+        steady = setup = None
+        if len(window) == 2 and window[1][0] > window[0][0]:
+            (w0, c0), (w1, c1) = window
+            window_chunks = streams * (w1 - w0) / (self.args.interval_ms / 1000)
+            steady = (c1 - c0) / window_chunks * 1000
+            setup = ((cpu1 - cpu0) - steady / 1000 * chunks) / streams * 1e6
         result.update(
             target=proxy.name,
             size=streams,
             proxy_cpu_s=round(cpu1 - cpu0, 3),
             cpu_s_per_1000_chunks=None if pid is None else (cpu1 - cpu0) / chunks * 1000,
+            steady_cpu_s_per_1000_chunks=steady,
+            setup_cpu_us_per_stream=setup,
             rss_per_stream_kb=None if pid is None else (peak - rss0) / streams / 1024,
             rss_start_mb=rss0 / 2**20,
             upstream_cpu_s=round(up1 - up0, 3),
@@ -322,9 +339,9 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
             quiet = [r for r in mine if not r["noisy"]]
             use = quiet or mine
 
-            def med(values: list[float]) -> float | None:
-                values = [v for v in values if v is not None]
-                return statistics.median(values) if values else None
+            def med(values: list[float | None]) -> float | None:
+                known = [v for v in values if v is not None]
+                return statistics.median(known) if known else None
 
             added: dict[str, float | None] = {}
             for key in ("p50", "p99", "max"):
@@ -348,6 +365,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "added_ms": added,
                     "ttfc_ms": {k: med([r["ttfc_ms"][k] for r in use]) for k in ("p50", "p99")},
                     "cpu_per_1000": med([r["cpu_s_per_1000_chunks"] for r in use]),
+                    "steady_per_1000": med([r.get("steady_cpu_s_per_1000_chunks") for r in use]),
+                    "setup_us": med([r.get("setup_cpu_us_per_stream") for r in use]),
                     "rss_per_stream_kb": med([r["rss_per_stream_kb"] for r in use]),
                     "others_cpu": [r["others_cpu"] for r in mine],
                 }
@@ -362,8 +381,9 @@ def _f(value: float | None, digits: int = 1) -> str:
 def report(rows: list[dict[str, Any]], slow: dict[str, Any] | None, notes: list[str]) -> str:
     lines = [
         "| C | target | complete | added per-chunk p50 / p99 / max ms | TTFC p50 / p99 ms "
-        "| CPU s per 1,000 chunks | RSS per stream KB | quiet rounds | others' CPU per round |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| CPU s per 1,000 chunks | of which: steady / set-up µs per stream "
+        "| RSS per stream KB | quiet rounds | others' CPU per round |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         added = row["added_ms"]
@@ -377,7 +397,9 @@ def report(rows: list[dict[str, Any]], slow: dict[str, Any] | None, notes: list[
             f"| {row['size']:,} | {LABELS[row['target']]} | {row['complete']}"
             f"{'' if row['chunks_ok'] else ' (chunks missing)'} | {delays} "
             f"| {_f(row['ttfc_ms']['p50'])} / {_f(row['ttfc_ms']['p99'])} "
-            f"| {_f(row['cpu_per_1000'], 4)} | {_f(row['rss_per_stream_kb'])} "
+            f"| {_f(row['cpu_per_1000'], 4)} "
+            f"| {_f(row['steady_per_1000'], 4)} / {_f(row['setup_us'], 0)} "
+            f"| {_f(row['rss_per_stream_kb'])} "
             f"| {row['quiet']}/{row['rounds']} | {others} |"
         )
     if slow is not None:
@@ -478,6 +500,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                 f"p50/p99/max {run['delay_ms']['p50']:.2f}/"
                                 f"{run['delay_ms']['p99']:.2f}/{run['delay_ms']['max']:.1f} ms "
                                 f"cpu/1k {_f(run['cpu_s_per_1000_chunks'], 4)} "
+                                f"(steady {_f(run['steady_cpu_s_per_1000_chunks'], 4)}, "
+                                f"set-up {_f(run['setup_cpu_us_per_stream'], 0)} us/stream) "
                                 f"rss/stream {_f(run['rss_per_stream_kb'])} KB "
                                 f"others {run['others_cpu']:.2f}"
                                 f"{' NOISY' if run['noisy'] else ''}",
