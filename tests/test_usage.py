@@ -11,9 +11,8 @@ from gateway.core import usage as usage_module
 from gateway.core.usage import (
     HEAD_BYTES,
     NO_USAGE,
+    OPEN_USAGE_BYTES,
     SMALL_ANSWER_BYTES,
-    TAIL_BYTES,
-    TAIL_SLACK_BYTES,
     TokenCounts,
     UsageSniffer,
     find_usage,
@@ -111,7 +110,7 @@ def test_large_answer_keeps_only_head_and_tail() -> None:
         b'", "usage": {"prompt_tokens": 3, "completion_tokens": 4}}',
     ]:
         sniffer.feed(chunk)
-        assert sniffer.kept_bytes <= HEAD_BYTES + TAIL_BYTES + 2000
+        assert sniffer.kept_bytes <= HEAD_BYTES + OPEN_USAGE_BYTES
     assert sniffer.usage() == (3, 4)
 
 
@@ -324,7 +323,7 @@ def test_long_event_stream_counts_exactly_and_keeps_a_few_kilobytes(tokens: int)
         sniffer.feed(event)
         # An event stream's head is its first event: from the second on it keeps its
         # tail alone (thousands are open at a time).
-        assert sniffer.kept_bytes <= TAIL_BYTES + TAIL_SLACK_BYTES, sniffer.kept_bytes
+        assert sniffer.kept_bytes <= OPEN_USAGE_BYTES, sniffer.kept_bytes
     assert sniffer.usage() == (17, tokens)
 
 
@@ -338,7 +337,7 @@ def test_an_answer_that_is_not_an_event_stream_keeps_its_head() -> None:
         sniffer.feed(body[i : i + 200])
         if i + 200 < HEAD_BYTES:
             assert sniffer.kept_bytes == i + 200
-    assert sniffer.kept_bytes <= TAIL_BYTES + TAIL_SLACK_BYTES
+    assert sniffer.kept_bytes <= OPEN_USAGE_BYTES
     assert sniffer.usage() == (3, 4)
 
 
@@ -363,9 +362,7 @@ def test_any_chunking_of_an_event_stream(tokens: int, sizes: list[int]) -> None:
 
 @pytest.mark.parametrize("at", range(HEAD_BYTES - 80, HEAD_BYTES, 3))
 def test_usage_across_the_end_of_the_head(at: int) -> None:
-    """A usage object that starts in the head and ends after it is read whole, also once
-    the tail has dropped bytes (as is one in the last TAIL_BYTES; one in between is not
-    looked for)."""
+    """A usage object that starts in the head and ends after it is read whole."""
     usage = b'"usage": {"prompt_tokens": 8, "completion_tokens": 9}'
     start = b'{"a": "' + b"x" * (at - 9) + b'", '
     body = start + usage + b', "b": "' + b"y" * 50_000 + b'"}'
@@ -379,3 +376,69 @@ def test_usage_key_cut_at_the_end_of_the_head_of_a_short_answer(at: int) -> None
     body = b'{"a": "' + b"x" * at + b'", "usage": {"prompt_tokens": 1, "completion_tokens": 2}}'
     chunks = [body[i : i + 100] for i in range(0, len(body), 100)]
     assert sniff(chunks) == (1, 2)
+
+
+def test_a_stream_keeps_nothing_between_its_events() -> None:
+    """Past its first event, an event stream whose chunks end between events holds no
+    bytes at all: each chunk is read as it comes and let go of."""
+    sniffer = UsageSniffer()
+    for index, event in enumerate(openai_stream(300)):
+        sniffer.feed(event)
+        if index >= 1:
+            assert sniffer.kept_bytes == 0, index
+    assert sniffer.usage() == (17, 300)
+
+
+def test_a_usage_object_before_later_nulls_still_counts() -> None:
+    """The last usage *object* counts, wherever it came: ``"usage": null`` after it, in
+    the same chunk or in later ones, leaves it be."""
+    real = b'data: {"choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 5}}\n\n'
+    null = b'data: {"choices": [{"delta": {"content": "x"}}], "usage": null}\n\n'
+    filler = [null] * 200  # past the head, into the part read chunk by chunk
+    assert sniff([*filler, real, *filler]) == (4, 5)
+    assert sniff([*filler, real + null + null, *filler]) == (4, 5)
+    assert sniff([*filler, null + real + null]) == (4, 5)
+
+
+def test_an_open_usage_object_is_held_only_so_far() -> None:
+    """A ``"usage"`` whose object never closes is let go of once it is OPEN_USAGE_BYTES
+    long; an earlier complete one still counts."""
+    real = b'data: {"usage": {"prompt_tokens": 1, "completion_tokens": 2}}\n\n'
+    sniffer = UsageSniffer()
+    for chunk in [b"data: {}\n\n", real, b'data: {"usage": {"note": "', *[b"z" * 100] * 100]:
+        sniffer.feed(chunk)
+        assert sniffer.kept_bytes <= OPEN_USAGE_BYTES
+    assert sniffer.usage() == (1, 2)
+
+
+_TEXT = st.text(alphabet='ab{}[]":, \\u', max_size=30)
+_EVENTS = st.one_of(
+    st.builds(lambda text: {"choices": [{"delta": {"content": text}}], "usage": None}, _TEXT),
+    st.builds(lambda text: {"text": text, "note": '"usage": {"prompt_tokens": 99}'}, _TEXT),
+    st.builds(
+        lambda p, c: {"choices": [], "usage": {"prompt_tokens": p, "completion_tokens": c}},
+        st.integers(0, 10**6), st.integers(0, 10**6),
+    ),
+    st.builds(
+        lambda p, c: {"usage": {"prompt_tokens": p, "details": {"x": [1, {}]},
+                                "completion_tokens": c}},
+        st.integers(0, 10**6), st.integers(0, 10**6),
+    ),
+)  # fmt: skip
+
+
+@given(st.lists(_EVENTS, max_size=40), st.lists(st.integers(1, 300), min_size=1, max_size=30))
+@settings(max_examples=200, deadline=None)
+def test_read_as_it_comes_equals_read_whole(
+    events: list[dict[str, object]], sizes: list[int]
+) -> None:
+    """However a stream is cut into chunks, reading it chunk by chunk gives the counts
+    reading it whole gives: those of its last usage object."""
+    padding = [b'data: {"choices": [{"delta": {"content": "pad"}}]}\n\n'] * 200  # past the head
+    body = b"".join([*padding, *(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)])
+    chunks, position, index = [], 0, 0
+    while position < len(body):
+        chunks.append(body[position : position + sizes[index % len(sizes)]])
+        position += sizes[index % len(sizes)]
+        index += 1
+    assert sniff(chunks) == (find_usage(body) or NO_USAGE)
