@@ -665,9 +665,11 @@ async def _relay_chunked(
 class _ChunkRelay:
     """``_relay_chunked``'s sink: one object with slots rather than a closure, whose
     cells are an object each, as it is read for every chunk of thousands of streams
-    whose objects are no longer in the CPU's caches."""
+    whose objects are no longer in the CPU's caches. For the same reason a chunk that
+    goes out whole touches the client's transport alone, not its protocol, nor bound
+    methods kept here."""
 
-    __slots__ = ("closing", "copy", "protocol", "sent", "usage", "write")
+    __slots__ = ("client", "copy", "protocol", "sent", "usage")
 
     def __init__(
         self,
@@ -677,17 +679,16 @@ class _ChunkRelay:
         copy: BoundedCopy | None,
     ) -> None:
         self.protocol = protocol
-        self.write = client.write
-        self.closing = client.is_closing
+        self.client = client
         self.usage = usage
         self.copy = copy
         self.sent = 0
 
     def sink(self, chunk: bytes) -> bool:
-        protocol = self.protocol
-        if protocol.transport is None or self.closing():
+        client = self.client
+        if client.is_closing():  # closed when the protocol lets go of it
             return False  # drain() raises
-        self.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        client.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
         self.sent += len(chunk)
         usage = self.usage
         if usage is not None:
@@ -695,7 +696,9 @@ class _ChunkRelay:
         copy = self.copy
         if copy is not None:
             copy.feed(chunk)
-        return not protocol._paused
+        # Above the high-water mark the transport has paused its protocol; with nothing
+        # held back it cannot be.
+        return client.get_write_buffer_size() == 0 or not self.protocol._paused
 
 
 def _forget(error: BaseException | None) -> None:
