@@ -67,3 +67,17 @@ def test_stream_mode_runs_through_every_proxy(tmp_path: Path) -> None:
         assert run["chunks"] == run["expected_chunks"], run
     assert data["slow"]["gateway_rss_growth_mb"] is not None
     assert "| 20 | gateway |" in done.stdout
+
+
+def test_paired_mode_runs_two_gateways_at_once() -> None:
+    """``bench.stream_paired`` against this same checkout: both complete every stream
+    and a ratio is printed (its value unchecked: this is not a benchmark)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.stream_paired", "--reference", str(REPO),
+         "--streams", "10", "--chunks", "5", "--interval-ms", "20", "--ramp", "0.2",
+         "--rounds", "1", "--redis-url", REDIS_URL],
+        cwd=REPO, capture_output=True, text=True, timeout=80, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "round 0: whole " in done.stdout
+    assert "this checkout / reference, median" in done.stdout
