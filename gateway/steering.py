@@ -154,6 +154,9 @@ class Steering:
         # route's last change here leaves that route alone (see restore).
         self._changes = 0
         self._changed: dict[str, int] = {}  # route -> the number of its last change here
+        # Routes whose change made here is being written to the store right now: a read
+        # of the store may come back from before that write lands (see restore).
+        self._writing: dict[str, int] = {}  # route -> writes in flight
         # Records of changes made here that the store did not take (it was down): written
         # before anything is read from it again, so that it does not undo them.
         self._unsaved: dict[str, tuple[str, dict[str, Any] | None]] = {}  # key -> route, record
@@ -516,12 +519,19 @@ class Steering:
         if self._store is None:
             return False
         self._unsaved.pop(key, None)  # this change replaces any older one not written
+        self._writing[name] = self._writing.get(name, 0) + 1
         try:
             await self._write(key, record)
         except StoreError as error:
             log.warning("route %s: change not stored yet (retried): %s", name, error)
             self._unsaved[key] = (name, record)
             return False
+        finally:
+            left = self._writing[name] - 1
+            if left:
+                self._writing[name] = left
+            else:
+                del self._writing[name]
         return True
 
     async def _write(self, key: str, record: dict[str, Any] | None) -> None:
@@ -548,12 +558,16 @@ class Steering:
             return 0
         await self._save_unsaved()
         read_from = self._changes
+        # Written meanwhile, on another of the store's connections: the read may be
+        # answered before the write lands.
+        writing = set(self._writing)
         entries = await self._store.scan_prefix(PREFIX)
         # A route changed here while the store was being read (the emergency brake, a
-        # promotion) keeps that change: what was read of it may predate it, and would
-        # undo it until the next pass. The change's own write moves the store's revision,
-        # so the next pass reads it back.
-        newer = {name for name, change in self._changed.items() if change > read_from}
+        # promotion), or whose change was still being written when the read began, keeps
+        # that change: what was read of it may predate it, and would undo it until the
+        # next pass. The change's own write moves the store's revision, so the next pass
+        # reads it back.
+        newer = writing | {name for name, change in self._changed.items() if change > read_from}
         records: dict[str, dict[str, Mapping[str, Any]]] = {}
         for entry in entries:
             name, _, kind = entry.key[len(PREFIX) :].rpartition("/")

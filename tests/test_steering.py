@@ -164,12 +164,15 @@ def test_an_override_without_its_file_value_is_superseded_by_any_file() -> None:
 
 class PausedStore(EmbeddedStore):
     """An embedded store whose next scan reads, then waits for ``resume`` before it
-    answers (a read overtaken by a change, as on a slow link); and that can be down."""
+    answers (a read overtaken by a change, as on a slow link); whose next put waits for
+    ``release_put`` before it writes (a write not landed yet); and that can be down."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.pause_next_scan = False
         self.scanned, self.resume = asyncio.Event(), asyncio.Event()
+        self.hold_next_put = False
+        self.put_held, self.release_put = asyncio.Event(), asyncio.Event()
         self.down = False
 
     async def scan_prefix(self, prefix: str) -> list[Entry]:
@@ -183,6 +186,10 @@ class PausedStore(EmbeddedStore):
 
     async def put(self, key: str, value: dict[str, Any], *, ttl: float | None = None) -> int:
         self._fail_if_down()
+        if self.hold_next_put:
+            self.hold_next_put = False
+            self.put_held.set()
+            await self.release_put.wait()
         return await super().put(key, value, ttl=ttl)
 
     def _fail_if_down(self) -> None:
@@ -206,6 +213,33 @@ async def test_a_change_made_while_the_store_is_read_is_not_undone_by_that_read(
             await asyncio.wait_for(restoring, 5)
             assert replica.weight() == 0.0
             await replica.steering.restore()  # the next pass reads the brake back
+            assert replica.weight() == 0.0
+    finally:
+        await store.close()
+
+
+async def test_a_read_answered_before_a_change_here_is_stored_does_not_undo_it(
+    tmp_path: Path,
+) -> None:
+    """The brake is applied here at once, then written; a restore's read of the store
+    (on another of its connections, in Redis) may be answered before that write lands.
+    What it read of that route predates the brake, and is not applied: it did, once, in
+    test_canary_e2e, where the canary's weight came back for a poll."""
+    store = PausedStore(tmp_path / "state.db")
+    replica = Deployment(0.1)
+    try:
+        async with replica.steering.synced(store):
+            await replica.steering.set_weight("r", 0.5, actor="canary")
+            store.hold_next_put = True
+            braking = asyncio.create_task(replica.steering.set_weight("r", 0, actor="operator"))
+            await asyncio.wait_for(store.put_held.wait(), 5)  # applied here, not stored yet
+            assert replica.weight() == 0.0
+            await replica.steering.restore()  # reads the canary's 0.5
+            assert replica.weight() == 0.0
+            store.release_put.set()
+            _, stored = await asyncio.wait_for(braking, 5)
+            assert stored
+            await replica.steering.restore()  # the brake, read back
             assert replica.weight() == 0.0
     finally:
         await store.close()
