@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import orjson
 import pytest
 from hypothesis import given, settings
@@ -427,15 +429,21 @@ _EVENTS = st.one_of(
 )  # fmt: skip
 
 
-@given(st.lists(_EVENTS, max_size=40), st.lists(st.integers(1, 300), min_size=1, max_size=30))
-@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(_EVENTS, max_size=40),
+    st.lists(st.integers(1, 300), min_size=1, max_size=30),
+    st.booleans(),
+)
+@settings(max_examples=300, deadline=None)
 def test_read_as_it_comes_equals_read_whole(
-    events: list[dict[str, object]], sizes: list[int]
+    events: list[dict[str, object]], sizes: list[int], spaced: bool
 ) -> None:
     """However a stream is cut into chunks, reading it chunk by chunk gives the counts
-    reading it whole gives: those of its last usage object."""
+    reading it whole gives: those of its last usage object. Compact JSON as most servers
+    write it, or spaced as Python's json.dumps does."""
     padding = [b'data: {"choices": [{"delta": {"content": "pad"}}]}\n\n'] * 200  # past the head
-    body = b"".join([*padding, *(b"data: " + orjson.dumps(e) + b"\n\n" for e in events)])
+    dumps = (lambda e: json.dumps(e).encode()) if spaced else orjson.dumps
+    body = b"".join([*padding, *(b"data: " + dumps(e) + b"\n\n" for e in events)])
     chunks, position, index = [], 0, 0
     while position < len(body):
         chunks.append(body[position : position + sizes[index % len(sizes)]])
