@@ -568,6 +568,10 @@ class Steering:
         # next pass. The change's own write moves the store's revision, so the next pass
         # reads it back.
         newer = writing | {name for name, change in self._changed.items() if change > read_from}
+        if writing:
+            # A write in flight may have landed before the revision this pass follows was
+            # read, and so not move it again: the next poll reads the store regardless.
+            self._stale = True
         records: dict[str, dict[str, Mapping[str, Any]]] = {}
         for entry in entries:
             name, _, kind = entry.key[len(PREFIX) :].rpartition("/")

@@ -18,6 +18,7 @@ from gateway.runtime import Runtime
 from gateway.steering import Override, Steering, SteeringError, weight_key
 from gateway.store.base import Entry, StoreError
 from gateway.store.embedded import EmbeddedStore
+from tests.helpers.waiting import wait_until
 
 
 def routes_document(weight: float = 0.1) -> dict[str, Any]:
@@ -241,6 +242,58 @@ async def test_a_read_answered_before_a_change_here_is_stored_does_not_undo_it(
             assert stored
             await replica.steering.restore()  # the brake, read back
             assert replica.weight() == 0.0
+    finally:
+        await store.close()
+
+
+class AckHeldStore(EmbeddedStore):
+    """An embedded store whose next put lands at once but answers only on ``release``
+    (the write done, its reply slow to come back)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.hold_next_ack = False
+        self.landed, self.release = asyncio.Event(), asyncio.Event()
+
+    async def put(self, key: str, value: dict[str, Any], *, ttl: float | None = None) -> int:
+        hold, self.hold_next_ack = self.hold_next_ack, False
+        revision = await super().put(key, value, ttl=ttl)
+        if hold:
+            self.landed.set()
+            await self.release.wait()
+        return revision
+
+
+async def test_a_route_left_alone_while_its_write_was_in_flight_is_read_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass that leaves a route alone (its write in flight) may follow a revision that
+    already holds that write and a newer one from another replica: nothing moves the
+    revision again, so the next poll reads the store anyway (found by review)."""
+    monkeypatch.setattr(Steering._follow, "__defaults__", (0.01,))  # poll every 10 ms
+    store = AckHeldStore(tmp_path / "state.db")
+    a, b = Deployment(0.1), Deployment(0.1)
+    passes = 0
+    restore = a.steering.restore
+
+    async def counted() -> int:
+        nonlocal passes
+        passes += 1
+        return await restore()
+
+    a.steering.restore = counted  # type: ignore[method-assign]
+    try:
+        async with a.steering.synced(store), b.steering.synced(store):
+            store.hold_next_ack = True
+            braking = asyncio.create_task(a.steering.set_weight("r", 0, actor="operator"))
+            await asyncio.wait_for(store.landed.wait(), 5)  # A's brake is in the store...
+            await b.steering.set_weight("r", 0.3, actor="operator")  # ...then B's weight
+            seen = passes
+            await wait_until(lambda: passes >= seen + 2, "A's follower to pass twice")
+            assert a.weight() == 0.0  # left alone while its own write is in flight
+            store.release.set()
+            await asyncio.wait_for(braking, 5)
+            await wait_until(lambda: a.weight() == 0.3, "A to read B's newer weight")
     finally:
         await store.close()
 
