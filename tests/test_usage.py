@@ -450,3 +450,42 @@ def test_read_as_it_comes_equals_read_whole(
         position += sizes[index % len(sizes)]
         index += 1
     assert sniff(chunks) == (find_usage(body) or NO_USAGE)
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        (b'{"usage":{"prompt_tokens":3,"usage"', b':null}}'),
+        (b'{"usage":{"prompt_tokens":3,"kind":"usage"', b"}}"),
+        (b'{"usage":{"prompt_tokens":3,"meta":{"usage":', b"null}}}"),
+    ],
+)
+def test_a_key_inside_an_open_usage_object_leaves_it_open(first: bytes, second: bytes) -> None:
+    """A ``"usage"`` inside a usage object still open at a chunk's end (a nested key, or
+    a string) does not take its place as what waits for the next chunk."""
+    filler = b"x" * HEAD_BYTES  # the head, let go of at the next chunk
+    assert sniff([filler, first, second]) == find_usage(filler + first + second) == (3, 0)
+
+
+def test_an_open_usage_object_is_not_read_again_for_every_chunk(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Trickled byte by byte, an open usage object is read again only when a chunk could
+    end it (a closing brace) or start a key, not for every byte."""
+    reads = 0
+    read = UsageSniffer._read
+
+    def counted(self: UsageSniffer, data: bytes) -> None:
+        nonlocal reads
+        reads += 1
+        read(self, data)
+
+    monkeypatch.setattr(UsageSniffer, "_read", counted)
+    usage = b'"usage": {"prompt_tokens": 1234567, "completion_tokens": 7654321}'
+    body = b"x" * HEAD_BYTES + b"{" + usage + b"}"
+    sniffer = UsageSniffer()
+    sniffer.feed(body[:HEAD_BYTES])
+    for index in range(HEAD_BYTES, len(body)):
+        sniffer.feed(body[index : index + 1])
+    assert sniffer.usage() == (1234567, 7654321)
+    assert reads <= 20, reads  # the head, the key, quotes, the brace: not every byte

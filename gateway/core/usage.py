@@ -19,7 +19,8 @@ import orjson
 
 HEAD_BYTES = 8 * 1024
 # A usage object still open this many bytes after its key is not one (no server sends
-# one this large): what waits for the rest of an open one stays bounded.
+# one this large): what waits for the rest of an open one stays bounded. One that long
+# split across chunks is not counted; one that long within a chunk is.
 OPEN_USAGE_BYTES = 2 * 1024
 _USAGE_KEY = b'"usage"'
 _NO_USAGE = b'"usage":null'  # as OpenAI and most servers write it
@@ -76,7 +77,19 @@ class UsageSniffer:
             return
         opened = self._open
         if opened is not None:
-            self._read(opened + chunk)
+            if (
+                b"}" in chunk
+                or not opened.startswith(_USAGE_KEY)
+                or _USAGE_KEY in chunk
+                or chunk.endswith(_KEY_STARTS)
+            ):
+                self._read(opened + chunk)
+            else:
+                # A usage value still open cannot end, nor a new key start, in this chunk:
+                # kept, not read again (a server trickling bytes would make every chunk
+                # parse what is open so far, in Python).
+                data = opened + chunk
+                self._open = data if len(data) <= OPEN_USAGE_BYTES else None
         elif chunk.endswith(_KEY_STARTS):
             self._read(chunk)
         else:
@@ -110,7 +123,8 @@ class UsageSniffer:
         while key != -1:
             found = _usage_at(data, key + len(_USAGE_KEY))
             if found is _CUT_OFF:
-                if self._open is None and len(data) - key <= OPEN_USAGE_BYTES:
+                # The leftmost open one within the bound: later keys may be inside it.
+                if len(data) - key <= OPEN_USAGE_BYTES:
                     self._open = data[key:]
             elif found is not None:
                 self._found = found

@@ -666,8 +666,8 @@ class _ChunkRelay:
     """``_relay_chunked``'s sink: one object with slots rather than a closure, whose
     cells are an object each, as it is read for every chunk of thousands of streams
     whose objects are no longer in the CPU's caches. For the same reason a chunk that
-    goes out whole touches the client's transport alone, not its protocol, nor bound
-    methods kept here."""
+    goes out whole touches the client's transport (and, under TLS, its TLS layer), not
+    aiohttp's protocol, nor bound methods kept here."""
 
     __slots__ = ("client", "copy", "protocol", "sent", "usage")
 
