@@ -272,6 +272,19 @@ class Bench:
                 redis_take_keys(self.args.redis_url, prefix + ":*")
 
 
+def start_upstream(children: Children, pinning: Pinning) -> tuple[Child, int]:
+    """The SSE upstream on the load CPU, listening; and its port."""
+    port = free_port()
+    upstream = children.start(
+        "stream-upstream",
+        [sys.executable, "-m", "bench.stream_upstream", "--port", str(port)],
+        cpus=pinning.load_cpus,
+        env=bench_env(),
+    )
+    children.wait_ready(upstream, lambda: tcp_open("127.0.0.1", port))
+    return upstream, port
+
+
 def slow_consumers(bench: Bench) -> dict[str, Any]:
     """100 stalled readers of 10 MB answers through a gateway."""
     args = bench.args
@@ -466,14 +479,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="gateway-bench-stream-") as work,
         Children(Path(work)) as children,
     ):
-        port = free_port()
-        upstream = children.start(
-            "stream-upstream",
-            [sys.executable, "-m", "bench.stream_upstream", "--port", str(port)],
-            cpus=pinning.load_cpus,
-            env=bench_env(),
-        )
-        children.wait_ready(upstream, lambda: tcp_open("127.0.0.1", port))
+        upstream, port = start_upstream(children, pinning)
         redis_ok = _redis_ping(args.redis_url)
         if not redis_ok:
             notes.append(f"Redis unreachable at {args.redis_url}: the gateway runs split only")

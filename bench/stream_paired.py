@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.context import _redis_ping
-from bench.procs import Children, Pinning, bench_env, free_port, tcp_open
-from bench.stream import Bench, Proxy, tree_cpu
+from bench.procs import Children, Pinning
+from bench.stream import Bench, Proxy, start_upstream, tree_cpu
 
 TARGETS = ("gateway", "reference")
 
@@ -99,14 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tempfile.TemporaryDirectory(prefix="gateway-bench-paired-") as work,
         Children(Path(work)) as children,
     ):
-        port = free_port()
-        upstream = children.start(
-            "stream-upstream",
-            [sys.executable, "-m", "bench.stream_upstream", "--port", str(port)],
-            cpus=pinning.load_cpus,
-            env=bench_env(),
-        )
-        children.wait_ready(upstream, lambda: tcp_open("127.0.0.1", port))
+        upstream, port = start_upstream(children, pinning)
         bench = Bench(args, children, pinning, upstream, port, _redis_ping(args.redis_url))
         try:
             for round_ in range(args.rounds):
