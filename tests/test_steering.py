@@ -166,13 +166,14 @@ def test_an_override_without_its_file_value_is_superseded_by_any_file() -> None:
 class PausedStore(EmbeddedStore):
     """An embedded store whose next scan reads, then waits for ``resume`` before it
     answers (a read overtaken by a change, as on a slow link); whose next put waits for
-    ``release_put`` before it writes (a write not landed yet); and that can be down."""
+    ``release_put`` before it writes (``hold_next_put``: a write not landed yet) or after
+    (``hold_next_ack``: landed, its answer slow to come back); and that can be down."""
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         self.pause_next_scan = False
         self.scanned, self.resume = asyncio.Event(), asyncio.Event()
-        self.hold_next_put = False
+        self.hold_next_put = self.hold_next_ack = False
         self.put_held, self.release_put = asyncio.Event(), asyncio.Event()
         self.down = False
 
@@ -187,11 +188,16 @@ class PausedStore(EmbeddedStore):
 
     async def put(self, key: str, value: dict[str, Any], *, ttl: float | None = None) -> int:
         self._fail_if_down()
-        if self.hold_next_put:
-            self.hold_next_put = False
+        before, self.hold_next_put = self.hold_next_put, False
+        after, self.hold_next_ack = self.hold_next_ack, False
+        if before:
             self.put_held.set()
             await self.release_put.wait()
-        return await super().put(key, value, ttl=ttl)
+        revision = await super().put(key, value, ttl=ttl)
+        if after:
+            self.put_held.set()
+            await self.release_put.wait()
+        return revision
 
     def _fail_if_down(self) -> None:
         if self.down:
@@ -246,24 +252,6 @@ async def test_a_read_answered_before_a_change_here_is_stored_does_not_undo_it(
         await store.close()
 
 
-class AckHeldStore(EmbeddedStore):
-    """An embedded store whose next put lands at once but answers only on ``release``
-    (the write done, its reply slow to come back)."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.hold_next_ack = False
-        self.landed, self.release = asyncio.Event(), asyncio.Event()
-
-    async def put(self, key: str, value: dict[str, Any], *, ttl: float | None = None) -> int:
-        hold, self.hold_next_ack = self.hold_next_ack, False
-        revision = await super().put(key, value, ttl=ttl)
-        if hold:
-            self.landed.set()
-            await self.release.wait()
-        return revision
-
-
 async def test_a_route_left_alone_while_its_write_was_in_flight_is_read_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -271,7 +259,7 @@ async def test_a_route_left_alone_while_its_write_was_in_flight_is_read_again(
     already holds that write and a newer one from another replica: nothing moves the
     revision again, so the next poll reads the store anyway (found by review)."""
     monkeypatch.setattr(Steering._follow, "__defaults__", (0.01,))  # poll every 10 ms
-    store = AckHeldStore(tmp_path / "state.db")
+    store = PausedStore(tmp_path / "state.db")
     a, b = Deployment(0.1), Deployment(0.1)
     passes = 0
     restore = a.steering.restore
@@ -286,12 +274,12 @@ async def test_a_route_left_alone_while_its_write_was_in_flight_is_read_again(
         async with a.steering.synced(store), b.steering.synced(store):
             store.hold_next_ack = True
             braking = asyncio.create_task(a.steering.set_weight("r", 0, actor="operator"))
-            await asyncio.wait_for(store.landed.wait(), 5)  # A's brake is in the store...
+            await asyncio.wait_for(store.put_held.wait(), 5)  # A's brake is in the store...
             await b.steering.set_weight("r", 0.3, actor="operator")  # ...then B's weight
             seen = passes
             await wait_until(lambda: passes >= seen + 2, "A's follower to pass twice")
             assert a.weight() == 0.0  # left alone while its own write is in flight
-            store.release.set()
+            store.release_put.set()
             await asyncio.wait_for(braking, 5)
             await wait_until(lambda: a.weight() == 0.3, "A to read B's newer weight")
     finally:
